@@ -1,0 +1,277 @@
+"""The ``ffnskip`` command line.
+
+Core commands live here (``generate``, ``profile``); other packages add theirs (``evaluate``,
+``tune``, ``results``, ``serve``, ``bench``) through the ``ffnskip.commands`` entry-point group,
+so the core library never imports them. Entry points print; libraries log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from importlib.metadata import entry_points
+from typing import Callable
+
+log = logging.getLogger("ffnskip")
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2, no traceback."""
+
+
+# ---------------------------------------------------------------------- shared options
+def add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="alias, HF directory / hub id, or .gguf file (default: smollm2-135m)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+
+
+def add_policy_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--policy", metavar="FILE", help="skip policy JSON file")
+    g.add_argument("--policy-json", metavar="JSON", help="skip policy as inline JSON")
+
+
+def policy_from_args(args: argparse.Namespace):
+    from .policy import PolicyError, SkipPolicy
+
+    try:
+        if getattr(args, "policy", None):
+            return SkipPolicy.load(args.policy)
+        if getattr(args, "policy_json", None):
+            return SkipPolicy.from_json(args.policy_json)
+    except PolicyError as exc:
+        flag = "--policy" if getattr(args, "policy", None) else "--policy-json"
+        raise CLIError(f"{flag}: {exc}") from None
+    return SkipPolicy()
+
+
+def positive_int(flag: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer; got {text!r}") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"{flag} must be positive; got {v}")
+        return v
+
+    return parse
+
+
+def load_model_cli(args: argparse.Namespace):
+    from .models import load_model
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    log.info("loaded %s in %.1f s", args.model, time.perf_counter() - t0)
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------- generate
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with FFN skipping, streamed to the terminal")
+    add_model_arg(p)
+    add_policy_args(p)
+    p.add_argument("--max-new-tokens", type=positive_int("--max-new-tokens"), default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    p.add_argument("--raw", action="store_true", help="no chat template: tokenize exactly as tokenizer(prompt)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("prompts", nargs="+", metavar="PROMPT")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .decode import SamplingParams, encode_prompt, generate
+    from .engine import SeqStats
+
+    policy = policy_from_args(args)
+    for i, prompt in enumerate(args.prompts):
+        if not prompt.strip():
+            raise CLIError(f"PROMPT {i + 1} is empty")
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+    )
+    model, tokenizer = load_model_cli(args)
+    ids = [encode_prompt(tokenizer, p, raw=args.raw) for p in args.prompts]
+    results = []
+    stream = not args.json
+    multi = len(ids) > 1
+    start = time.perf_counter()
+    for ev in generate(model, tokenizer, ids, policy, params, results=results):
+        if stream and ev.delta:
+            if multi:
+                continue  # several prompts: print each text whole at the end
+            sys.stdout.write(ev.delta)
+            sys.stdout.flush()
+    elapsed = time.perf_counter() - start
+    total = sum(r.stats.generated_tokens for r in results)
+    tps = total / elapsed if elapsed > 0 else 0.0
+    pooled = SeqStats.merge([r.stats for r in results])
+    if args.json:
+        out = {
+            "model": args.model,
+            "policy": policy.to_dict(),
+            "outputs": [
+                {
+                    "prompt": prompt,
+                    "text": r.text,
+                    "generated_tokens": r.stats.generated_tokens,
+                    "skipped_ffn": r.stats.skipped_ffn,
+                    "skip_ratio": r.stats.skip_ratio,
+                    "skip_ratio_post_warmup": r.stats.skip_ratio_post_warmup,
+                    "skipped_per_layer": r.stats.skipped_per_layer,
+                    "trigger_layers": r.stats.trigger_layers,
+                    "finish_reason": r.finish_reason,
+                    "syncs_per_token": r.stats.syncs_per_token,
+                }
+                for prompt, r in zip(args.prompts, results)
+            ],
+            "tokens_per_s": tps,
+        }
+        print(json.dumps(out))
+        return 0
+    if multi:
+        for i, (prompt, r) in enumerate(zip(args.prompts, results)):
+            print(f"--- [{i + 1}] {prompt}\n{r.text}")
+    else:
+        print()
+    print(
+        f"[{total} tokens in {elapsed:.2f} s, {tps:.1f} tok/s | skip_ratio {pooled.skip_ratio:.3f}, "
+        f"post-warm-up {pooled.skip_ratio_post_warmup:.3f} | {pooled.syncs_per_token:.1f} host syncs/token]"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------- profile
+def _add_profile(sub) -> None:
+    p = sub.add_parser("profile", help="per-layer residual saturation (cos before/after FFN), suggested band and threshold")
+    add_model_arg(p)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", choices=["wikitext2"], default="wikitext2", help="profiling text (default: wikitext2 test)")
+    src.add_argument("--text-file", metavar="F", help="profile on this UTF-8 text file instead")
+    p.add_argument("--data-dir", default=None, help="evaluation data directory (default: $FFNSKIP_DATA_DIR or ../shared/data)")
+    p.add_argument("--tokens", type=positive_int("--tokens"), default=512, help="tokens to run densely (default 512)")
+    p.add_argument("--plot", metavar="F.png", help="write the saturation plot here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_profile)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .data import DataError, wikitext2_text
+    from .profile import plot, profile
+
+    if args.text_file:
+        try:
+            text = open(args.text_file, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CLIError(f"--text-file: cannot read {args.text_file}: {exc}") from None
+    else:
+        try:
+            text = wikitext2_text(args.data_dir)
+        except DataError as exc:
+            raise CLIError(str(exc)) from None
+    if not text.strip():
+        raise CLIError("the profiling text is empty")
+    model, tokenizer = load_model_cli(args)
+    prof = profile(model, tokenizer, text, tokens=args.tokens, model_name=args.model)
+    if args.plot:
+        plot(prof, args.plot)
+    if args.json:
+        print(json.dumps(prof.to_dict()))
+        return 0
+    print(f"{'layer':>5}  {'mean cos':>9}  {'p10 cos':>9}  {'influence':>9}")
+    for lp in prof.layers:
+        band = " *" if prof.suggested_layer_start <= lp.layer < prof.suggested_layer_end else ""
+        print(f"{lp.layer:>5}  {lp.mean_cos:>9.4f}  {lp.p10_cos:>9.4f}  {lp.block_influence:>9.4f}{band}")
+    print(
+        f"suggested: layer_start={prof.suggested_layer_start} layer_end={prof.suggested_layer_end} "
+        f"threshold={prof.suggested_threshold} (over {prof.tokens} tokens; * = suggested band)"
+    )
+    if args.plot:
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+# ---------------------------------------------------------------------- main
+CORE_COMMANDS = (_add_generate, _add_profile)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ffnskip", description="FFN-SkipLLM: adaptive FFN skipping for faster decoding")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in CORE_COMMANDS:
+        add(sub)
+    for ep in sorted(entry_points(group="ffnskip.commands"), key=lambda e: e.name):
+        try:
+            register = ep.load()
+        except ImportError as exc:  # an optional extra is not installed
+            sub.add_parser(ep.name, help=f"(unavailable: {exc})").set_defaults(func=_unavailable(ep.name, exc))
+            continue
+        register(sub)
+    return parser
+
+
+def _unavailable(name: str, exc: Exception):
+    def run(args):
+        raise CLIError(f"'ffnskip {name}' needs an optional dependency that is missing ({exc}); "
+                       f"install with: pip install 'ffnskip[serve]'")
+
+    return run
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that are the user's input, shown as one line without a traceback."""
+    from .adapters import UnsupportedArchitecture
+    from .data import DataError
+    from .decode import GenerationError
+    from .policy import PolicyError
+
+    errs: list[type[BaseException]] = [CLIError, PolicyError, GenerationError, UnsupportedArchitecture, DataError]
+    try:
+        from .models import ModelError
+
+        errs.append(ModelError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return int(args.func(args) or 0)
+    except user_errors() as exc:
+        print(f"ffnskip {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

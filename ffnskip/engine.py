@@ -1,0 +1,314 @@
+"""The FFN-SkipLLM engine: per-sequence, per-token FFN skip decisions (method.md §2).
+
+The engine does not re-implement any layer. While a :class:`SkipController` is attached to a
+model it intervenes at three points of every decoder layer, named by the family's adapter:
+
+1. a forward pre-hook on the pre-FFN norm records the residual ``h`` [B, T, D] entering the FFN;
+2. the FFN's ``forward`` is wrapped: rows that skip this layer are not computed (the others are
+   gathered, run, and scattered back), skipped rows get zeros, so the layer's residual add
+   returns ``h`` for them unchanged;
+3. a forward hook on the decoder layer reads ``x`` [B, T, D], the residual after the FFN, and for
+   rows still holding a skip budget computes ``cos(h, x)``; above the threshold a run of skipped
+   FFNs starts at the *next* layer.
+
+Attention is never touched, so every layer writes its K/V for every token.
+
+Host-device synchronisations (each is counted in the per-sequence stats):
+* one per decode step in :mod:`ffnskip.decode` to read the sampled tokens;
+* in ``adaptive`` mode one per tested layer (reading the cosine of the rows still holding a
+  budget), only while some row of the batch holds a budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters import Adapter, get_adapter
+from .policy import ResolvedPolicy, SkipPolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SeqStats:
+    """Skip accounting of one sequence (method.md §3)."""
+
+    num_layers: int
+    warmup_tokens: int
+    generated_tokens: int = 0
+    skipped_ffn: int = 0
+    skipped_per_layer: list[int] = field(default_factory=list)
+    trigger_layers: list[int] = field(default_factory=list)
+    """Histogram: how many skip runs were started by the test after layer ``l``."""
+    host_syncs: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.skipped_per_layer:
+            self.skipped_per_layer = [0] * self.num_layers
+        if not self.trigger_layers:
+            self.trigger_layers = [0] * self.num_layers
+
+    @property
+    def skip_ratio(self) -> float:
+        """Skipped FFNs / (layers x generated tokens), every generated token counted."""
+        denom = self.num_layers * self.generated_tokens
+        return self.skipped_ffn / denom if denom else 0.0
+
+    @property
+    def skip_ratio_post_warmup(self) -> float:
+        """Skipped FFNs / (layers x generated tokens past the warm-up)."""
+        denom = self.num_layers * max(0, self.generated_tokens - self.warmup_tokens)
+        return self.skipped_ffn / denom if denom else 0.0
+
+    @property
+    def syncs_per_token(self) -> float:
+        return self.host_syncs / self.generated_tokens if self.generated_tokens else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "generated_tokens": self.generated_tokens,
+            "skipped_ffn": self.skipped_ffn,
+            "skip_ratio": self.skip_ratio,
+            "skip_ratio_post_warmup": self.skip_ratio_post_warmup,
+            "skipped_per_layer": list(self.skipped_per_layer),
+            "trigger_layers": list(self.trigger_layers),
+            "host_syncs": self.host_syncs,
+            "syncs_per_token": self.syncs_per_token,
+        }
+
+    @staticmethod
+    def merge(stats: Sequence["SeqStats"]) -> "SeqStats":
+        """Pool several sequences' counts (ratios of the pool, not means of ratios)."""
+        if not stats:
+            return SeqStats(num_layers=0, warmup_tokens=0)
+        out = SeqStats(num_layers=stats[0].num_layers, warmup_tokens=0)
+        post = 0
+        for s in stats:
+            out.generated_tokens += s.generated_tokens
+            out.skipped_ffn += s.skipped_ffn
+            out.host_syncs += s.host_syncs
+            post += max(0, s.generated_tokens - s.warmup_tokens)
+            for i, v in enumerate(s.skipped_per_layer):
+                out.skipped_per_layer[i] += v
+            for i, v in enumerate(s.trigger_layers):
+                out.trigger_layers[i] += v
+        # Keep skip_ratio_post_warmup exact for the pool: warm-up = pooled warm-up tokens.
+        out.warmup_tokens = out.generated_tokens - post
+        return out
+
+
+def sequence_seed(seed: int, prompt_ids: Sequence[int]) -> int:
+    """Per-sequence seed of the ``random`` baseline: same prompt + seed -> same choices,
+    whatever else is in the batch."""
+    digest = hashlib.sha256(f"{seed}:".encode() + bytes(str(list(prompt_ids)), "ascii")).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def ffn_share(model: nn.Module) -> float:
+    """Share of the per-token matmul weights that sit in FFNs (LM head included, method.md §3)."""
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    ffn = sum(adapter.ffn_weight_count(layer) for layer in layers)
+    total = sum(p.numel() for layer in layers for p in layer.parameters() if p.dim() == 2)
+    head = model.get_output_embeddings()
+    if head is not None:
+        total += head.weight.numel()
+    return ffn / total if total else 0.0
+
+
+class SkipController:
+    """Skip decisions for one batch of sequences during one generation.
+
+    Call :meth:`begin_step` before every forward pass that produces generated token ``t`` of each
+    row, inside :meth:`attached`. Rows are independent: every decision is per sequence.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        policy: SkipPolicy,
+        prompt_ids: Sequence[Sequence[int]],
+    ) -> None:
+        self.model = model
+        self.adapter: Adapter = get_adapter(model)
+        self.layers = self.adapter.layers(model)
+        self.num_layers = len(self.layers)
+        self.resolved: ResolvedPolicy = policy.resolve(self.num_layers)
+        if policy.mode in ("shortgpt", "skipdecode"):
+            raise NotImplementedError(f"policy mode '{policy.mode}' is not available in this engine yet")
+        self.batch_size = len(prompt_ids)
+        self.stats = [SeqStats(self.num_layers, policy.warmup_tokens) for _ in prompt_ids]
+        self._rngs = [random.Random(sequence_seed(policy.seed, ids)) for ids in prompt_ids]
+        self.finished = [False] * self.batch_size
+        # Per-step state (host lists; B is small and decisions are per row).
+        self._skip: list[list[bool]] = [[False] * self.num_layers for _ in range(self.batch_size)]
+        self._budget: list[int] = [0] * self.batch_size
+        self._any_skip = False
+        self._testing = False
+        self._h: torch.Tensor | None = None
+        self._prefill = True
+        self._step_syncs = 0
+
+    # ------------------------------------------------------------------ schedule
+    def begin_prefill(self) -> None:
+        """The prompt pass: every layer dense, no tests (it produces token 0)."""
+        self._prefill = True
+        self._any_skip = False
+        self._testing = False
+
+    def begin_step(self, token_index: Sequence[int]) -> None:
+        """Before the pass that produces generated token ``token_index[r]`` of each row ``r``."""
+        self._prefill = False
+        res = self.resolved
+        mode = res.mode
+        any_skip = False
+        testing = False
+        for r in range(self.batch_size):
+            skip = self._skip[r]
+            if self.finished[r]:
+                # A finished row's outputs are discarded: compute none of its FFNs.
+                for i in range(self.num_layers):
+                    skip[i] = True
+                self._budget[r] = 0
+                any_skip = True
+                continue
+            for i in range(self.num_layers):
+                skip[i] = False
+            k = res.token_budget(token_index[r])
+            self._budget[r] = 0
+            if k == 0:
+                continue
+            if mode == "adaptive":
+                self._budget[r] = k
+                testing = True
+            elif mode == "static":
+                for i in range(res.start, res.start + k):
+                    skip[i] = True
+                any_skip = True
+            elif mode == "random":
+                for i in self._rngs[r].sample(range(res.start, res.end), k):
+                    skip[i] = True
+                any_skip = True
+        self._any_skip = any_skip
+        self._testing = testing
+        self._step_syncs = 0
+
+    def end_step(self, produced: Sequence[bool], syncs: int = 0) -> None:
+        """After a pass: count the step for rows that produced a token (``produced[r]``)."""
+        total_syncs = self._step_syncs + syncs
+        for r in range(self.batch_size):
+            if not produced[r]:
+                continue
+            st = self.stats[r]
+            st.generated_tokens += 1
+            st.host_syncs += total_syncs
+            if self._prefill:
+                continue
+            skip = self._skip[r]
+            for i in range(self.num_layers):
+                if skip[i]:
+                    st.skipped_ffn += 1
+                    st.skipped_per_layer[i] += 1
+
+    def finish(self, row: int) -> None:
+        self.finished[row] = True
+
+    # ------------------------------------------------------------------ hooks
+    def _rows_skipping(self, layer: int) -> list[int]:
+        return [r for r in range(self.batch_size) if self._skip[r][layer]]
+
+    def _make_ffn_forward(self, layer: int, orig):
+        def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            # x: [B, T, D] normed residual entering the FFN
+            if self._prefill or not self._any_skip:
+                return orig(x, *args, **kwargs)
+            skipping = self._rows_skipping(layer)
+            if not skipping:
+                return orig(x, *args, **kwargs)
+            if len(skipping) == x.shape[0]:
+                return torch.zeros_like(x)  # [B, T, D]: nobody runs this FFN
+            keep = [r for r in range(x.shape[0]) if not self._skip[r][layer]]
+            keep_idx = torch.tensor(keep, device=x.device)
+            out = torch.zeros_like(x)  # [B, T, D]
+            out[keep_idx] = orig(x.index_select(0, keep_idx), *args, **kwargs)  # run [K, T, D] rows only
+            return out
+
+        return forward
+
+    def _pre_ffn_norm_hook(self, module, args):
+        if self._testing:
+            self._h = args[0]  # [B, T, D] residual before the FFN
+
+    def _make_layer_hook(self, layer: int):
+        res = self.resolved
+
+        def hook(module, args, output):
+            if not self._testing or not (res.start <= layer + 1 < res.end):
+                return None
+            rows = [r for r in range(self.batch_size) if self._budget[r] > 0]
+            if not rows:
+                self._testing = False
+                return None
+            x = output[0] if isinstance(output, tuple) else output  # [B, T, D] residual after FFN
+            h = self._h
+            idx = torch.tensor(rows, device=x.device)
+            # [R] cosine over the hidden dim of each testing row's current (last) position
+            cos = F.cosine_similarity(
+                h.index_select(0, idx)[:, -1].float(), x.index_select(0, idx)[:, -1].float(), dim=-1
+            )
+            values = cos.tolist()  # HOST SYNC (1 per tested layer while a row holds a budget)
+            self._step_syncs += 1
+            tau = res.policy.threshold
+            for r, c in zip(rows, values):
+                if c > tau:
+                    k = self._budget[r]
+                    last = min(layer + k, res.end - 1)
+                    skip = self._skip[r]
+                    for i in range(layer + 1, last + 1):
+                        skip[i] = True
+                    self._budget[r] = 0
+                    self._any_skip = True
+                    self.stats[r].trigger_layers[layer] += 1
+            if not any(b > 0 for b in self._budget):
+                self._testing = False
+            return None
+
+        return hook
+
+    @contextmanager
+    def attached(self) -> Iterator["SkipController"]:
+        """Install the hooks on the model for the duration of the block (dense mode: none)."""
+        if self.resolved.mode == "dense":
+            yield self
+            return
+        handles = []
+        patched: list[tuple[nn.Module, Any]] = []
+        try:
+            for i, layer in enumerate(self.layers):
+                ffn = self.adapter.ffn_module(layer)
+                prev = ffn.__dict__.get("forward")
+                ffn.forward = self._make_ffn_forward(i, ffn.forward)
+                patched.append((ffn, prev))
+                if self.resolved.mode == "adaptive":
+                    norm = self.adapter.ffn_norm_module(layer)
+                    handles.append(norm.register_forward_pre_hook(self._pre_ffn_norm_hook))
+                    handles.append(layer.register_forward_hook(self._make_layer_hook(i)))
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            for ffn, prev in patched:
+                if prev is None:
+                    del ffn.forward
+                else:
+                    ffn.forward = prev
+            self._h = None

@@ -1,0 +1,204 @@
+"""Skip policies: the FFN-SkipLLM hyperparameters, validated, JSON round-trippable.
+
+One `SkipPolicy` travels from a tuning trial to a database row to a serving replica. It is
+model-independent: `layer_start`, `layer_end` and `skip_budget` may be left as ``None`` (defaults
+per method.md §2) or be negative (counted from the end); :meth:`SkipPolicy.resolve` turns it into
+concrete layer indices for a model of a given depth.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+#: Policy modes. ``adaptive`` is the paper's rule; ``dense`` never skips; ``random`` and
+#: ``static`` are the paper's same-budget FFN baselines (method.md §4); ``shortgpt`` and
+#: ``skipdecode`` are the whole-layer baselines.
+MODES = ("adaptive", "dense", "random", "static", "shortgpt", "skipdecode")
+
+#: Cold layers kept dense at each end by default (the authors' code: 5).
+DEFAULT_COLD_LAYERS = 5
+#: Default skip budget as a share of the model's layers (method.md: "about 30%").
+DEFAULT_BUDGET_SHARE = 0.30
+
+
+class PolicyError(ValueError):
+    """A policy field is invalid. ``field`` names it as the user typed it."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"policy field '{field}': {message}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class SkipPolicy:
+    """When to skip which FFN blocks during decoding (method.md §2)."""
+
+    mode: str = "adaptive"
+    """One of ``adaptive`` (cosine-similarity rule), ``dense``, ``random``, ``static``,
+    ``shortgpt`` (whole layers of lowest block influence removed) or ``skipdecode``
+    (position-based exit schedule)."""
+
+    threshold: float = 0.95
+    """Cosine threshold ``tau``: a run of skipped FFNs starts after a layer whose residual before
+    and after its FFN have cosine similarity above this value. Above 1 never triggers; -1 always."""
+
+    layer_start: int | None = None
+    """First skip-eligible layer (inclusive). ``None``: 5 cold layers, clamped for shallow models.
+    Negative values count from the end."""
+
+    layer_end: int | None = None
+    """End of the skip-eligible band (exclusive); a run never enters layers ``>= layer_end``.
+    ``None``: 5 cold layers at the end, clamped for shallow models. Negative counts from the end."""
+
+    warmup_tokens: int = 32
+    """Generated tokens decoded densely at the start of every sequence (attention-sink warm-up)."""
+
+    skip_budget: int | None = None
+    """FFNs skipped per triggered token (length of the skip run). ``None``: about 30% of layers,
+    at most the width of the eligible band."""
+
+    dense_every: int = 6
+    """After warm-up, every n-th generated token is decoded densely (0 = never)."""
+
+    seed: int = 0
+    """Seed of the ``random`` baseline's layer choice (per sequence, reproducible)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mode, str) or self.mode not in MODES:
+            raise PolicyError("mode", f"must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise PolicyError("threshold", f"must be a number; got {self.threshold!r}")
+        self.threshold = float(self.threshold)
+        if not math.isfinite(self.threshold) or not -1.0 <= self.threshold <= 2.0:
+            raise PolicyError("threshold", f"must be a finite number in [-1, 2]; got {self.threshold!r}")
+        for name in ("layer_start", "layer_end", "skip_budget"):
+            value = getattr(self, name)
+            if value is not None and not _is_int(value):
+                raise PolicyError(name, f"must be an integer or null; got {value!r}")
+        for name in ("warmup_tokens", "dense_every", "seed"):
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise PolicyError(name, f"must be an integer; got {value!r}")
+            if value < 0:
+                raise PolicyError(name, f"must be >= 0; got {value}")
+        if self.skip_budget is not None and self.skip_budget < 0:
+            raise PolicyError("skip_budget", f"must be >= 0; got {self.skip_budget}")
+        if (
+            self.layer_start is not None
+            and self.layer_end is not None
+            and (self.layer_start >= 0) == (self.layer_end >= 0)
+            and self.layer_start >= self.layer_end
+        ):
+            raise PolicyError(
+                "layer_end", f"must be greater than layer_start ({self.layer_start}); got {self.layer_end}"
+            )
+
+    # ------------------------------------------------------------------ JSON round-trip
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SkipPolicy":
+        if not isinstance(data, dict):
+            raise PolicyError("<policy>", f"must be a JSON object; got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PolicyError(unknown[0], f"unknown field; known fields are {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SkipPolicy":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PolicyError("<policy>", f"malformed JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json(indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SkipPolicy":
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as exc:
+            raise PolicyError("<policy file>", f"cannot read {p}: {exc.strerror or exc}") from None
+        return cls.from_json(text)
+
+    @classmethod
+    def dense(cls) -> "SkipPolicy":
+        return cls(mode="dense")
+
+    # ------------------------------------------------------------------ resolution
+    def resolve(self, num_layers: int) -> "ResolvedPolicy":
+        """Concrete eligible band and budget for a model with ``num_layers`` decoder layers."""
+        L = num_layers
+        cold = min(DEFAULT_COLD_LAYERS, max(0, (L - 1) // 3))
+        start = cold if self.layer_start is None else self.layer_start
+        end = L - cold if self.layer_end is None else self.layer_end
+        if start < 0:
+            start += L
+        if end < 0:
+            end += L
+        if not 0 <= start < L:
+            raise PolicyError("layer_start", f"{self.layer_start} is outside a {L}-layer model")
+        if not 0 < end <= L:
+            raise PolicyError("layer_end", f"{self.layer_end} is outside a {L}-layer model")
+        if start >= end:
+            raise PolicyError(
+                "layer_end", f"resolves to {end}, not above layer_start ({start}) for a {L}-layer model"
+            )
+        width = end - start
+        if self.skip_budget is None:
+            budget = max(1, min(width, round(DEFAULT_BUDGET_SHARE * L)))
+        else:
+            budget = self.skip_budget
+            if budget > width:
+                raise PolicyError(
+                    "skip_budget",
+                    f"{budget} is larger than the eligible band [{start}, {end}) of {width} layers",
+                )
+        return ResolvedPolicy(self, L, start, end, budget)
+
+
+@dataclass(frozen=True)
+class ResolvedPolicy:
+    """A :class:`SkipPolicy` bound to a model depth: every index concrete and in range."""
+
+    policy: SkipPolicy
+    num_layers: int
+    start: int
+    end: int
+    budget: int
+
+    @property
+    def mode(self) -> str:
+        return self.policy.mode
+
+    def token_budget(self, t: int) -> int:
+        """FFNs that may be skipped for generated token ``t`` (0-based, per sequence).
+
+        Token 0 is produced by the prefill pass, which is always dense.
+        """
+        p = self.policy
+        if p.mode == "dense" or t == 0 or t < p.warmup_tokens:
+            return 0
+        if p.dense_every and (t - p.warmup_tokens) % p.dense_every == p.dense_every - 1:
+            return 0
+        return self.budget
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer_start": self.start, "layer_end": self.end, "skip_budget": self.budget}
