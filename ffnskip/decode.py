@@ -232,11 +232,13 @@ def generate(
     params: SamplingParams | None = None,
     *,
     results: list[SequenceResult] | None = None,
+    cache=None,
 ) -> Iterator[TokenEvent]:
     """Generate for a batch of tokenised prompts, yielding every token as it is produced.
 
     ``results`` (optional, filled in place) receives one :class:`SequenceResult` per prompt,
-    whose ``text`` and ``stats`` are final once the generator is exhausted.
+    whose ``text`` and ``stats`` are final once the generator is exhausted. ``cache`` (optional)
+    is an empty transformers ``Cache`` to fill instead of a new ``DynamicCache``.
     """
     policy = policy or SkipPolicy.dense()
     params = params or SamplingParams()
@@ -251,7 +253,7 @@ def generate(
         )
     device = next(model.parameters()).device
     B = len(prompt_ids)
-    ctl = SkipController(model, policy, prompt_ids)
+    ctl = SkipController(model, policy, prompt_ids, max_new_tokens=params.max_new_tokens)
     seqs = [SequenceResult(prompt_ids=list(p), stats=ctl.stats[i]) for i, p in enumerate(prompt_ids)]
     if results is not None:
         results.clear()
@@ -272,7 +274,7 @@ def generate(
         attention_mask[i, S - len(p) :] = 1
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, S]
-    cache = new_cache(model)
+    cache = new_cache(model) if cache is None else cache
     active = [True] * B
     ones = torch.ones((B, 1), dtype=attention_mask.dtype, device=device)
 

@@ -11,7 +11,9 @@ model it intervenes at three points of every decoder layer, named by the family'
    rows still holding a skip budget computes ``cos(h, x)``; above the threshold a run of skipped
    FFNs starts at the *next* layer.
 
-Attention is never touched, so every layer writes its K/V for every token.
+Attention is never touched, so every layer writes its K/V for every token. (The whole-layer
+baselines ``shortgpt`` and ``skipdecode`` also discard the attention output of a skipped layer;
+its K/V is still written, from the un-refined residual.)
 
 Host-device synchronisations (each is counted in the per-sequence stats):
 * one per decode step in :mod:`ffnskip.decode` to read the sampled tokens;
@@ -137,20 +139,22 @@ class SkipController:
         model: nn.Module,
         policy: SkipPolicy,
         prompt_ids: Sequence[Sequence[int]],
+        max_new_tokens: int = 0,
     ) -> None:
         self.model = model
         self.adapter: Adapter = get_adapter(model)
         self.layers = self.adapter.layers(model)
         self.num_layers = len(self.layers)
         self.resolved: ResolvedPolicy = policy.resolve(self.num_layers)
-        if policy.mode in ("shortgpt", "skipdecode"):
-            raise NotImplementedError(f"policy mode '{policy.mode}' is not available in this engine yet")
         self.batch_size = len(prompt_ids)
         self.stats = [SeqStats(self.num_layers, policy.warmup_tokens) for _ in prompt_ids]
         self._rngs = [random.Random(sequence_seed(policy.seed, ids)) for ids in prompt_ids]
         self.finished = [False] * self.batch_size
         # Per-step state (host lists; B is small and decisions are per row).
+        self.max_new_tokens = max_new_tokens
         self._skip: list[list[bool]] = [[False] * self.num_layers for _ in range(self.batch_size)]
+        # Whole-layer baselines (shortgpt, skipdecode): the layer's output is replaced by its input.
+        self._whole = policy.mode in ("shortgpt", "skipdecode")
         self._budget: list[int] = [0] * self.batch_size
         self._any_skip = False
         self._testing = False
@@ -160,10 +164,19 @@ class SkipController:
 
     # ------------------------------------------------------------------ schedule
     def begin_prefill(self) -> None:
-        """The prompt pass: every layer dense, no tests (it produces token 0)."""
+        """The prompt pass: every layer dense, no tests (it produces token 0).
+
+        Only ``shortgpt`` differs: its layers are removed from the model, the prompt included.
+        """
         self._prefill = True
-        self._any_skip = False
         self._testing = False
+        self._any_skip = False
+        if self.resolved.mode == "shortgpt":
+            for r in range(self.batch_size):
+                for i in self.resolved.removed:
+                    self._skip[r][i] = True
+            self._any_skip = bool(self.resolved.removed)
+        self._step_syncs = 0
 
     def begin_step(self, token_index: Sequence[int]) -> None:
         """Before the pass that produces generated token ``token_index[r]`` of each row ``r``."""
@@ -198,6 +211,14 @@ class SkipController:
                 for i in self._rngs[r].sample(range(res.start, res.end), k):
                     skip[i] = True
                 any_skip = True
+            elif mode == "shortgpt":
+                for i in res.removed:
+                    skip[i] = True
+                any_skip = True
+            elif mode == "skipdecode":
+                for i in res.skipdecode_layers(token_index[r], self.max_new_tokens):
+                    skip[i] = True
+                    any_skip = True
         self._any_skip = any_skip
         self._testing = testing
         self._step_syncs = 0
@@ -211,8 +232,6 @@ class SkipController:
             st = self.stats[r]
             st.generated_tokens += 1
             st.host_syncs += total_syncs
-            if self._prefill:
-                continue
             skip = self._skip[r]
             for i in range(self.num_layers):
                 if skip[i]:
@@ -229,7 +248,7 @@ class SkipController:
     def _make_ffn_forward(self, layer: int, orig):
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             # x: [B, T, D] normed residual entering the FFN
-            if self._prefill or not self._any_skip:
+            if not self._any_skip:
                 return orig(x, *args, **kwargs)
             skipping = self._rows_skipping(layer)
             if not skipping:
@@ -284,6 +303,22 @@ class SkipController:
 
         return hook
 
+    def _make_whole_layer_hook(self, layer: int):
+        def hook(module, args, kwargs, output):
+            if not self._any_skip:
+                return None
+            rows = self._rows_skipping(layer)
+            if not rows:
+                return None
+            x_in = args[0] if args else kwargs["hidden_states"]  # [B, T, D] layer input
+            x = output[0] if isinstance(output, tuple) else output  # [B, T, D] layer output
+            x = x.clone()
+            idx = torch.tensor(rows, device=x.device)
+            x[idx] = x_in.index_select(0, idx)  # the whole layer is skipped for these rows
+            return (x, *output[1:]) if isinstance(output, tuple) else x
+
+        return hook
+
     @contextmanager
     def attached(self) -> Iterator["SkipController"]:
         """Install the hooks on the model for the duration of the block (dense mode: none)."""
@@ -298,6 +333,8 @@ class SkipController:
                 prev = ffn.__dict__.get("forward")
                 ffn.forward = self._make_ffn_forward(i, ffn.forward)
                 patched.append((ffn, prev))
+                if self._whole:
+                    handles.append(layer.register_forward_hook(self._make_whole_layer_hook(i), with_kwargs=True))
                 if self.resolved.mode == "adaptive":
                     norm = self.adapter.ffn_norm_module(layer)
                     handles.append(norm.register_forward_pre_hook(self._pre_ffn_norm_hook))

@@ -71,6 +71,10 @@ class SkipPolicy:
     seed: int = 0
     """Seed of the ``random`` baseline's layer choice (per sequence, reproducible)."""
 
+    layers: list[int] | None = None
+    """``shortgpt`` only: the whole layers removed (the lowest block influence, measured by the
+    profile; see ``ffnskip.baselines.shortgpt_policy``). Negative indices count from the end."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.mode, str) or self.mode not in MODES:
             raise PolicyError("mode", f"must be one of {', '.join(MODES)}; got {self.mode!r}")
@@ -89,6 +93,14 @@ class SkipPolicy:
                 raise PolicyError(name, f"must be an integer; got {value!r}")
             if value < 0:
                 raise PolicyError(name, f"must be >= 0; got {value}")
+        if self.layers is not None:
+            if not isinstance(self.layers, (list, tuple)) or not all(_is_int(v) for v in self.layers):
+                raise PolicyError("layers", f"must be a list of integers or null; got {self.layers!r}")
+            self.layers = list(self.layers)
+            if len(set(self.layers)) != len(self.layers):
+                raise PolicyError("layers", f"must not repeat a layer; got {self.layers}")
+        if self.mode == "shortgpt" and not self.layers:
+            raise PolicyError("layers", "mode 'shortgpt' needs the list of removed layers")
         if self.skip_budget is not None and self.skip_budget < 0:
             raise PolicyError("skip_budget", f"must be >= 0; got {self.skip_budget}")
         if (
@@ -162,6 +174,14 @@ class SkipPolicy:
                 "layer_end", f"resolves to {end}, not above layer_start ({start}) for a {L}-layer model"
             )
         width = end - start
+        removed: tuple[int, ...] = ()
+        if self.layers is not None:
+            norm = sorted(v + L if v < 0 else v for v in self.layers)
+            if any(not 0 <= v < L for v in norm):
+                raise PolicyError("layers", f"{self.layers} has a layer outside a {L}-layer model")
+            removed = tuple(norm)
+        if self.mode == "shortgpt":
+            return ResolvedPolicy(self, L, start, end, len(removed), removed)
         if self.skip_budget is None:
             budget = max(1, min(width, round(DEFAULT_BUDGET_SHARE * L)))
         else:
@@ -171,7 +191,7 @@ class SkipPolicy:
                     "skip_budget",
                     f"{budget} is larger than the eligible band [{start}, {end}) of {width} layers",
                 )
-        return ResolvedPolicy(self, L, start, end, budget)
+        return ResolvedPolicy(self, L, start, end, budget, removed)
 
 
 @dataclass(frozen=True)
@@ -183,6 +203,8 @@ class ResolvedPolicy:
     start: int
     end: int
     budget: int
+    removed: tuple[int, ...] = ()
+    """``shortgpt``: the layers removed outright."""
 
     @property
     def mode(self) -> str:
@@ -194,11 +216,30 @@ class ResolvedPolicy:
         Token 0 is produced by the prefill pass, which is always dense.
         """
         p = self.policy
+        if p.mode == "shortgpt":
+            return self.budget  # static removal: every pass, the prompt included
         if p.mode == "dense" or t == 0 or t < p.warmup_tokens:
             return 0
         if p.dense_every and (t - p.warmup_tokens) % p.dense_every == p.dense_every - 1:
             return 0
         return self.budget
+
+    def skipdecode_layers(self, t: int, max_new_tokens: int) -> range:
+        """SkipDecode's position-based schedule: whole layers skipped for generated token ``t``.
+
+        The number of skipped layers grows linearly with the position over the post-warm-up
+        tokens, from 0 to ``2k`` (clamped to the band), so the mean is about ``k``; the
+        skipped layers are the *lowest* of the band (SkipDecode skips lower layers, and a
+        monotone schedule means no later token needs the K/V they did not refine).
+        """
+        k = self.token_budget(t)
+        if k == 0:
+            return range(0)
+        W = self.policy.warmup_tokens
+        span = max(1, max_new_tokens - max(W, 1))
+        pos = (t - max(W, 1)) / span  # 0 .. ~1 over the post-warm-up tokens
+        n = min(self.end - self.start, int(round(pos * 2 * k)))
+        return range(self.start, self.start + n)
 
     def to_dict(self) -> dict[str, Any]:
         return {"layer_start": self.start, "layer_end": self.end, "skip_budget": self.budget}
