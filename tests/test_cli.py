@@ -1,0 +1,77 @@
+"""The ffnskip CLI as a user runs it: real processes, real model."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def ffnskip(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "ffnskip.cli", *args], capture_output=True, text=True, timeout=timeout, env=ENV
+    )
+
+
+@pytest.mark.slow
+def test_generate_json_fields():
+    policy = '{"mode": "adaptive", "threshold": -1, "layer_start": 5, "layer_end": 25, "warmup_tokens": 4, "skip_budget": 9, "dense_every": 0}'
+    p = ffnskip("generate", "--json", "--ignore-eos", "--max-new-tokens", "10", "--policy-json", policy, "Hello there", "Why is the sky blue?")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["model"] == "smollm2-135m" and out["policy"]["skip_budget"] == 9 and out["tokens_per_s"] > 0
+    assert [o["prompt"] for o in out["outputs"]] == ["Hello there", "Why is the sky blue?"]
+    for o in out["outputs"]:
+        assert {"prompt", "text", "generated_tokens", "skipped_ffn", "skip_ratio", "skip_ratio_post_warmup", "skipped_per_layer"} <= set(o)
+        assert o["generated_tokens"] == 10 and o["skipped_ffn"] == 6 * 9
+        assert len(o["skipped_per_layer"]) == 30
+
+
+@pytest.mark.slow
+def test_generate_streams_text_and_a_summary_line(tmp_path):
+    pol = tmp_path / "p.json"
+    pol.write_text('{"mode": "dense"}')
+    p = ffnskip("generate", "--policy", str(pol), "--max-new-tokens", "8", "--raw", "The capital of France is")
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert "tok/s" in lines[-1] and "skip_ratio 0.000" in lines[-1]
+    assert "Paris" in p.stdout
+
+
+@pytest.mark.slow
+def test_profile_json_and_plot(tmp_path):
+    png = tmp_path / "sat.png"
+    p = ffnskip("profile", "--tokens", "64", "--json", "--plot", str(png))
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert len(out["layers"]) == 30
+    means = [lp["mean_cos"] for lp in out["layers"]]
+    assert all(-1 <= m <= 1 for m in means)
+    s = out["suggested"]
+    assert 0 < s["layer_start"] < s["layer_end"] <= 30 and -1 <= s["threshold"] <= 1
+    assert png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "--model", "no-such-model", "hi"], "no-such-model"),
+        (["generate", "--policy-json", "{mode: dense", "hi"], "malformed JSON"),
+        (["generate", "--policy-json", '{"threshold": 9}', "hi"], "'threshold'"),
+        (["generate", "--policy-json", '{"layer_start": 50}', "hi"], "'layer_start'"),
+        (["generate", "--policy", "/nonexistent/p.json", "hi"], "cannot read"),
+        (["generate", "   "], "empty"),
+        (["generate", "--max-new-tokens", "0", "hi"], "--max-new-tokens must be positive"),
+        (["generate", "--max-new-tokens", "-3", "hi"], "--max-new-tokens must be positive"),
+        (["profile", "--tokens", "0"], "--tokens must be positive"),
+        (["profile", "--text-file", "/nonexistent.txt"], "--text-file"),
+    ],
+)
+def test_bad_input_exits_nonzero_with_one_clear_message(args, message):
+    p = ffnskip(*args)
+    assert p.returncode != 0
+    assert message in p.stderr
+    assert "Traceback" not in p.stderr
