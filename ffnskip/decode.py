@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .engine import SeqStats, SkipController
+from .fastpath import FastDecoder
 from .policy import SkipPolicy
 
 log = logging.getLogger(__name__)
@@ -176,8 +177,14 @@ def prefill(model, input_ids, attention_mask, position_ids, cache) -> torch.Tens
     return _forward(model, input_ids, attention_mask, position_ids, cache)
 
 
-def decode_one_token(model, tokens, attention_mask, position_ids, cache) -> torch.Tensor:
-    """One decode step: tokens [B, 1] -> next-token logits [B, V]; K/V of every layer appended."""
+def decode_one_token(model, tokens, attention_mask, position_ids, cache, ctl: SkipController | None = None) -> torch.Tensor:
+    """One decode step: tokens [B, 1] -> next-token logits [B, V]; K/V of every layer appended.
+
+    ``cache`` is a transformers cache (the model's own forward runs, with the controller's hooks
+    attached) or a :class:`~ffnskip.fastpath.FastDecoder` (the lean step, same arithmetic).
+    """
+    if isinstance(cache, FastDecoder):
+        return cache.step(tokens, position_ids, attention_mask, ctl)
     return _forward(model, tokens, attention_mask, position_ids, cache)
 
 
@@ -233,12 +240,15 @@ def generate(
     *,
     results: list[SequenceResult] | None = None,
     cache=None,
+    fast: bool | None = None,
 ) -> Iterator[TokenEvent]:
     """Generate for a batch of tokenised prompts, yielding every token as it is produced.
 
     ``results`` (optional, filled in place) receives one :class:`SequenceResult` per prompt,
     whose ``text`` and ``stats`` are final once the generator is exhausted. ``cache`` (optional)
-    is an empty transformers ``Cache`` to fill instead of a new ``DynamicCache``.
+    is an empty transformers ``Cache`` to fill instead of a new ``DynamicCache``. ``fast``:
+    decode steps on the lean path of :mod:`ffnskip.fastpath` (None = whenever it supports the
+    model; then the prompt's K/V move to its pre-allocated cache after the prefill).
     """
     policy = policy or SkipPolicy.dense()
     params = params or SamplingParams()
@@ -281,6 +291,14 @@ def generate(
     with ctl.attached():
         ctl.begin_prefill()
         logits = prefill(model, input_ids, attention_mask, position_ids, cache)  # [B, V]
+        step_cache = cache
+        if fast is not False:
+            why_not = FastDecoder.supports(model, S + params.max_new_tokens)
+            if why_not is None:
+                step_cache = FastDecoder(model, B, S + params.max_new_tokens, padded=min(map(len, prompt_ids)) < S)
+                step_cache.load_prefill(cache)
+            elif fast:
+                raise GenerationError(f"the fast decode path does not support this model: {why_not}")
         t = 0
         while True:
             next_tokens = sample(logits, params, generator)  # [B]
@@ -309,7 +327,7 @@ def generate(
             attention_mask = torch.cat([attention_mask, ones], dim=1)  # [B, S + t]
             position_ids = position_ids[:, -1:] + 1  # [B, 1]
             ctl.begin_step([t] * B)
-            logits = decode_one_token(model, next_tokens[:, None], attention_mask, position_ids, cache)
+            logits = decode_one_token(model, next_tokens[:, None], attention_mask, position_ids, step_cache, ctl)
 
 
 def generate_text(

@@ -241,16 +241,55 @@ class SkipController:
     def finish(self, row: int) -> None:
         self.finished[row] = True
 
-    # ------------------------------------------------------------------ hooks
-    def _rows_skipping(self, layer: int) -> list[int]:
+    # ------------------------------------------------------------------ per-layer decisions
+    # Shared by the hooks below (model's own forward) and ffnskip.fastpath (lean decode step).
+    @property
+    def testing(self) -> bool:
+        """Some row still holds a skip budget in this pass (the adaptive test must run)."""
+        return self._testing
+
+    def rows_skipping(self, layer: int) -> list[int]:
+        """Rows whose FFN (or whole layer, for the whole-layer baselines) is skipped at ``layer``."""
+        if not self._any_skip:
+            return []
         return [r for r in range(self.batch_size) if self._skip[r][layer]]
 
+    def observe(self, layer: int, h: torch.Tensor, x: torch.Tensor) -> None:
+        """The adaptive test after ``layer``: h, x [B, T, D] = residual before / after its FFN."""
+        res = self.resolved
+        if not self._testing or not (res.start <= layer + 1 < res.end):
+            return
+        rows = [r for r in range(self.batch_size) if self._budget[r] > 0]
+        if not rows:
+            self._testing = False
+            return
+        if len(rows) == h.shape[0]:
+            hs, xs = h[:, -1], x[:, -1]  # [R, D] current position
+        else:
+            idx = torch.tensor(rows, device=x.device)
+            hs, xs = h.index_select(0, idx)[:, -1], x.index_select(0, idx)[:, -1]  # [R, D]
+        cos = F.cosine_similarity(hs.float(), xs.float(), dim=-1)  # [R] over the hidden dim
+        values = cos.tolist()  # HOST SYNC (1 per tested layer while a row holds a budget)
+        self._step_syncs += 1
+        tau = res.policy.threshold
+        for r, c in zip(rows, values):
+            if c > tau:
+                k = self._budget[r]
+                last = min(layer + k, res.end - 1)  # never into the cold end
+                skip = self._skip[r]
+                for i in range(layer + 1, last + 1):
+                    skip[i] = True
+                self._budget[r] = 0  # one run per token
+                self._any_skip = True
+                self.stats[r].trigger_layers[layer] += 1
+        if not any(b > 0 for b in self._budget):
+            self._testing = False
+
+    # ------------------------------------------------------------------ hooks
     def _make_ffn_forward(self, layer: int, orig):
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             # x: [B, T, D] normed residual entering the FFN
-            if not self._any_skip:
-                return orig(x, *args, **kwargs)
-            skipping = self._rows_skipping(layer)
+            skipping = self.rows_skipping(layer)
             if not skipping:
                 return orig(x, *args, **kwargs)
             if len(skipping) == x.shape[0]:
@@ -268,46 +307,16 @@ class SkipController:
             self._h = args[0]  # [B, T, D] residual before the FFN
 
     def _make_layer_hook(self, layer: int):
-        res = self.resolved
-
         def hook(module, args, output):
-            if not self._testing or not (res.start <= layer + 1 < res.end):
-                return None
-            rows = [r for r in range(self.batch_size) if self._budget[r] > 0]
-            if not rows:
-                self._testing = False
-                return None
-            x = output[0] if isinstance(output, tuple) else output  # [B, T, D] residual after FFN
-            h = self._h
-            idx = torch.tensor(rows, device=x.device)
-            # [R] cosine over the hidden dim of each testing row's current (last) position
-            cos = F.cosine_similarity(
-                h.index_select(0, idx)[:, -1].float(), x.index_select(0, idx)[:, -1].float(), dim=-1
-            )
-            values = cos.tolist()  # HOST SYNC (1 per tested layer while a row holds a budget)
-            self._step_syncs += 1
-            tau = res.policy.threshold
-            for r, c in zip(rows, values):
-                if c > tau:
-                    k = self._budget[r]
-                    last = min(layer + k, res.end - 1)
-                    skip = self._skip[r]
-                    for i in range(layer + 1, last + 1):
-                        skip[i] = True
-                    self._budget[r] = 0
-                    self._any_skip = True
-                    self.stats[r].trigger_layers[layer] += 1
-            if not any(b > 0 for b in self._budget):
-                self._testing = False
+            if self._testing:
+                self.observe(layer, self._h, output[0] if isinstance(output, tuple) else output)
             return None
 
         return hook
 
     def _make_whole_layer_hook(self, layer: int):
         def hook(module, args, kwargs, output):
-            if not self._any_skip:
-                return None
-            rows = self._rows_skipping(layer)
+            rows = self.rows_skipping(layer)
             if not rows:
                 return None
             x_in = args[0] if args else kwargs["hidden_states"]  # [B, T, D] layer input

@@ -12,10 +12,10 @@ TOK = TinyTokenizer()
 PROMPTS = [[5, 17, 33, 2, 90, 41], [7, 7, 120], [200, 3, 64, 9, 11, 150, 31, 8, 77]]
 
 
-def run(model, prompts, policy, n=16, **kw):
+def run(model, prompts, policy, n=16, fast=None, **kw):
     results = []
     params = SamplingParams(max_new_tokens=n, ignore_eos=True, **kw)
-    for _ in generate(model, TOK, prompts, policy, params, results=results):
+    for _ in generate(model, TOK, prompts, policy, params, results=results, fast=fast):
         pass
     return results
 
@@ -25,9 +25,10 @@ def model(request):
     return tiny_model(request.param)
 
 
-def test_dense_is_token_identical_to_transformers_generate(model):
+@pytest.mark.parametrize("fast", [False, None])
+def test_dense_is_token_identical_to_transformers_generate(model, fast):
     prompt = PROMPTS[0]
-    ours = run(model, [prompt], SkipPolicy.dense(), n=24)[0].token_ids
+    ours = run(model, [prompt], SkipPolicy.dense(), n=24, fast=fast)[0].token_ids
     ref = model.generate(
         torch.tensor([prompt]),
         attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
@@ -73,7 +74,8 @@ def test_skipped_layer_returns_the_residual_unchanged(model):
     h1 = adapter.ffn_norm_module(layer).register_forward_pre_hook(lambda m, a: seen.__setitem__("h", a[0].clone()))
     h2 = layer.register_forward_hook(lambda m, a, o: seen.__setitem__("x", (o[0] if isinstance(o, tuple) else o).clone()))
     try:
-        run(model, [PROMPTS[0]], SkipPolicy(mode="static", layer_start=3, layer_end=6, warmup_tokens=1, skip_budget=1, dense_every=0), n=3)
+        pol = SkipPolicy(mode="static", layer_start=3, layer_end=6, warmup_tokens=1, skip_budget=1, dense_every=0)
+        run(model, [PROMPTS[0]], pol, n=3, fast=False)  # the model's own forward, hooks observable
     finally:
         h1.remove()
         h2.remove()
@@ -103,7 +105,7 @@ def test_kv_cache_has_every_layer_for_every_token_under_heavy_skipping(model):
     prompt, n = PROMPTS[2], 12
     results = []
     pol = SkipPolicy(threshold=-1, layer_start=1, layer_end=8, warmup_tokens=0, skip_budget=7, dense_every=0)
-    for _ in generate(model, TOK, [prompt], pol, SamplingParams(max_new_tokens=n, ignore_eos=True), results=results, cache=cache):
+    for _ in generate(model, TOK, [prompt], pol, SamplingParams(max_new_tokens=n, ignore_eos=True), results=results, cache=cache, fast=False):
         pass
     assert results[0].stats.skip_ratio > 0.7
     expected = len(prompt) + n - 1  # the last token is never fed back
@@ -115,11 +117,12 @@ def test_kv_cache_has_every_layer_for_every_token_under_heavy_skipping(model):
         assert layer.keys.shape[-2] == expected and layer.values.shape[-2] == expected
 
 
-def test_batch_equals_single_runs(model):
+@pytest.mark.parametrize("fast", [False, None])
+def test_batch_equals_single_runs(model, fast):
     pol = SkipPolicy(threshold=0.5, layer_start=2, layer_end=7, warmup_tokens=3, skip_budget=3, dense_every=4)
-    batch = run(model, PROMPTS, pol, n=12)
+    batch = run(model, PROMPTS, pol, n=12, fast=fast)
     for prompt, b in zip(PROMPTS, batch):
-        s = run(model, [prompt], pol, n=12)[0]
+        s = run(model, [prompt], pol, n=12, fast=fast)[0]
         assert b.token_ids == s.token_ids
         assert b.stats.to_dict() | {"host_syncs": 0, "syncs_per_token": 0} == s.stats.to_dict() | {"host_syncs": 0, "syncs_per_token": 0}
 
@@ -169,3 +172,40 @@ def test_unsupported_architecture_lists_supported():
         get_adapter(cfg)
     for name in ("llama", "gemma3_text", "gpt2", "qwen3", "mistral"):
         assert name in str(err.value)
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "static", "shortgpt", "skipdecode"])
+def test_fast_path_and_model_forward_agree(mode):
+    model = tiny_model("llama")
+    kw = {"layers": [2, 5]} if mode == "shortgpt" else dict(threshold=0.3, layer_start=2, layer_end=7, warmup_tokens=2, skip_budget=3, dense_every=3)
+    pol = SkipPolicy(mode=mode, **kw)
+    a = run(model, PROMPTS, pol, n=14, fast=False)
+    b = run(model, PROMPTS, pol, n=14, fast=True)
+    assert sum(r.stats.skipped_ffn for r in a) > 0
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids
+        assert x.stats.skipped_per_layer == y.stats.skipped_per_layer
+
+
+def test_fast_path_cache_has_every_layer_for_every_token():
+    from ffnskip.fastpath import FastDecoder
+
+    model = tiny_model("qwen3")
+    seen = []
+    orig = FastDecoder.step
+
+    def spy(self, *a, **k):
+        seen.append(self)
+        return orig(self, *a, **k)
+
+    FastDecoder.step = spy
+    try:
+        pol = SkipPolicy(threshold=-1, layer_start=1, layer_end=8, warmup_tokens=0, skip_budget=7, dense_every=0)
+        run(model, [PROMPTS[2]], pol, n=12, fast=True)
+    finally:
+        FastDecoder.step = orig
+    fd = seen[-1]
+    n = len(PROMPTS[2]) + 12 - 1
+    assert fd.length == n
+    for k, v in zip(fd.k, fd.v):
+        assert k[:, :, :n].abs().sum(-1).min() > 0 and v[:, :, :n].abs().sum(-1).min() > 0  # every slot written
