@@ -208,8 +208,51 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- bench
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks")
+    bsub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    s = bsub.add_parser("speed", help="tokens/s: transformers generate vs ffnskip dense vs ffnskip with a policy, in one run")
+    add_model_arg(s)
+    add_policy_args(s)
+    s.add_argument("--batch-size", type=positive_int("--batch-size"), default=1)
+    s.add_argument("--new-tokens", type=positive_int("--new-tokens"), default=64)
+    s.add_argument("--repeats", type=positive_int("--repeats"), default=4)
+    s.add_argument("--threads", type=positive_int("--threads"), default=None, help="torch intra-op threads (default: torch's choice)")
+    s.add_argument("--no-fast", action="store_true", help="decode steps through the model's own forward instead of the lean path")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_bench_speed)
+
+
+def cmd_bench_speed(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import bench_speed, format_table
+
+    policy = policy_from_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model_cli(args)
+
+    def progress(i, n):
+        if not args.json:
+            print(f"  repeat {i}/{n} done", file=sys.stderr, flush=True)
+
+    result = bench_speed(
+        model, tokenizer, policy, batch_size=args.batch_size, new_tokens=args.new_tokens,
+        repeats=args.repeats, fast=False if args.no_fast else None, progress=progress,
+    )
+    result["model"] = args.model
+    result["policy"] = policy.to_dict()
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_table(result))
+    return 0
+
+
 # ---------------------------------------------------------------------- main
-CORE_COMMANDS = (_add_generate, _add_profile)
+CORE_COMMANDS = (_add_generate, _add_profile, _add_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
