@@ -17,7 +17,7 @@ import inspect
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -74,7 +74,7 @@ class SequenceResult:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
-    """``stop`` (EOS or a stop string) or ``length``."""
+    """``stop`` (EOS or a stop string), ``length`` or ``cancelled``."""
     stats: SeqStats | None = None
     _emitted: int = 0
 
@@ -241,6 +241,7 @@ def generate(
     results: list[SequenceResult] | None = None,
     cache=None,
     fast: bool | None = None,
+    cancelled: Callable[[int], bool] | None = None,
 ) -> Iterator[TokenEvent]:
     """Generate for a batch of tokenised prompts, yielding every token as it is produced.
 
@@ -249,6 +250,9 @@ def generate(
     is an empty transformers ``Cache`` to fill instead of a new ``DynamicCache``. ``fast``:
     decode steps on the lean path of :mod:`ffnskip.fastpath` (None = whenever it supports the
     model; then the prompt's K/V move to its pre-allocated cache after the prefill).
+    ``cancelled(row)`` (optional) is asked after each token of each live row; a row it answers
+    True for ends with ``finish_reason="cancelled"`` and computes nothing more (a server stops the
+    generation of a client that went away this way).
     """
     policy = policy or SkipPolicy.dense()
     params = params or SamplingParams()
@@ -316,8 +320,10 @@ def generate(
                 delta, hit = _update_text(seq, tokenizer, params.stop, final=done)
                 if hit:
                     done = True
-                if done:
-                    seq.finish_reason = "stop" if (is_eos or hit) else "length"
+                cancel = not done and cancelled is not None and cancelled(r)
+                if done or cancel:
+                    seq.finish_reason = "cancelled" if cancel else "stop" if (is_eos or hit) else "length"
+                    done = True
                     active[r] = False
                     ctl.finish(r)
                 yield TokenEvent(r, tok, delta, done, seq)

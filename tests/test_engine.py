@@ -209,3 +209,14 @@ def test_fast_path_cache_has_every_layer_for_every_token():
     assert fd.length == n
     for k, v in zip(fd.k, fd.v):
         assert k[:, :, :n].abs().sum(-1).min() > 0 and v[:, :, :n].abs().sum(-1).min() > 0  # every slot written
+
+
+def test_a_cancelled_row_stops_while_the_others_go_on():
+    model = tiny_model("llama")
+    results = []
+    stop_row_1 = lambda r: r == 1 and len(results[1].token_ids) >= 3  # noqa: E731
+    for _ in generate(model, TOK, PROMPTS, SkipPolicy.dense(), SamplingParams(max_new_tokens=10, ignore_eos=True), results=results, cancelled=stop_row_1):
+        pass
+    assert [len(r.token_ids) for r in results] == [10, 3, 10]
+    assert [r.finish_reason for r in results] == ["length", "cancelled", "length"]
+    assert results[1].stats.generated_tokens == 3
