@@ -201,6 +201,8 @@ class SkipController:
             if k == 0:
                 continue
             if mode == "adaptive":
+                if res.policy.threshold > 1.0 + 1e-6:
+                    continue  # cos <= 1 (up to rounding): the test can never fire, so don't run it
                 self._budget[r] = k
                 testing = True
             elif mode == "static":
