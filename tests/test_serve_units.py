@@ -1,0 +1,431 @@
+"""The serving layer without a Ray cluster: protocol validation, the batching engine loop, the
+HTTP routes over a tiny model (httpx's ASGI transport), policy sources, the app builder and config,
+and the CLI's user errors."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ffnskip import SamplingParams, SkipPolicy, generate, generate_text
+from ffnskip.cli import main as cli_main
+from serve import policies
+from serve.config import ServeArgs
+from serve.engine_loop import BatchEngine, DoneItem, ErrorItem, GenRequest, Overloaded, TokenItem
+from serve.protocol import APIError, parse_chat, parse_completion, parse_json_body, parse_sse
+from tiny import TinyTokenizer, tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+SKIPPY = SkipPolicy(mode="adaptive", threshold=-1, warmup_tokens=1, skip_budget=2, dense_every=0)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model("llama", layers=8), TinyTokenizer()
+
+
+# ---------------------------------------------------------------------- protocol
+MSG = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("body, param, code", [
+    ({"messages": "x"}, "messages", "invalid_type"),
+    ({}, "messages", "missing_required_parameter"),
+    ({"messages": []}, "messages", "invalid_value"),
+    ({"messages": [3]}, "messages[0]", "invalid_type"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0].type",
+     "unsupported_parameter"),
+    ({"messages": MSG, "max_tokens": -1}, "max_tokens", "invalid_value"),
+    ({"messages": MSG, "max_tokens": True}, "max_tokens", "invalid_type"),
+    ({"messages": MSG, "max_tokens": 2.5}, "max_tokens", "invalid_type"),
+    ({"messages": MSG, "max_completion_tokens": 0}, "max_completion_tokens", "invalid_value"),
+    ({"messages": MSG, "temperature": -3}, "temperature", "invalid_value"),
+    ({"messages": MSG, "temperature": 2.5}, "temperature", "invalid_value"),
+    ({"messages": MSG, "top_p": 1.5}, "top_p", "invalid_value"),
+    ({"messages": MSG, "top_k": -2}, "top_k", "invalid_value"),
+    ({"messages": MSG, "stop": 3}, "stop", "invalid_type"),
+    ({"messages": MSG, "seed": "1"}, "seed", "invalid_type"),
+    ({"messages": MSG, "n": 3}, "n", "unsupported_parameter"),
+    ({"messages": MSG, "logprobs": True}, "logprobs", "unsupported_parameter"),
+    ({"messages": MSG, "presence_penalty": 0.5}, "presence_penalty", "unsupported_parameter"),
+    ({"messages": MSG, "stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),
+    ({"messages": MSG, "ffnskip_policy": [1]}, "ffnskip_policy", "invalid_type"),
+    ({"messages": MSG, "model": 7}, "model", "invalid_type"),
+])
+def test_chat_validation_names_the_parameter(body, param, code):
+    with pytest.raises(APIError) as ei:
+        parse_chat(body)
+    err = ei.value.body()["error"]
+    assert (ei.value.status, err["param"], err["code"], err["type"]) == (400, param, code, "invalid_request_error")
+
+
+def test_requests_parse_to_sampling_settings():
+    r = parse_chat({"model": "m", "messages": [{"role": "developer", "content": [{"type": "text", "text": "be"},
+                                                                                 {"type": "text", "text": " brief"}]},
+                                               {"role": "user", "content": "hi"}, {"role": "assistant", "content": None}],
+                    "max_completion_tokens": 7, "temperature": 0, "stop": "\n", "seed": 3, "stream": True,
+                    "stream_options": {"include_usage": True}, "ignore_eos": True, "top_k": -1,
+                    "ffnskip_policy": {"mode": "dense"}, "presence_penalty": 0, "user": "u", "unknown": 1})
+    assert r.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": ""}]
+    assert (r.max_tokens, r.temperature, r.stop, r.seed, r.stream, r.ignore_eos, r.top_k) == (7, 0.0, ("\n",), 3, True,
+                                                                                             True, 0)
+    assert r.policy_override == {"mode": "dense"}
+    c = parse_completion({"prompt": ["once upon"], "max_tokens": 3})
+    assert (c.prompt, c.temperature, c.stream) == ("once upon", 1.0, False)
+    assert parse_completion({"prompt": [[1, 2, 3]]}).prompt == [1, 2, 3]
+    for bad in ({"prompt": ""}, {"prompt": []}, {"prompt": [1, -2]}, {"prompt": ["a", "b"]}, {"prompt": 5}):
+        with pytest.raises(APIError) as ei:
+            parse_completion(bad)
+        assert ei.value.param == "prompt"
+
+
+def test_json_body_errors_and_sse_framing():
+    for raw in (b"", b"{", b"[]", b"\xff\xfe", b'"text"', b"[" * 100_000 + b"]" * 100_000):
+        with pytest.raises(APIError) as ei:
+            parse_json_body(raw)
+        assert ei.value.status == 400 and ei.value.code == "invalid_json"
+    assert parse_json_body(b'{"a": 1}') == {"a": 1}
+    from serve.protocol import SSE_DONE, sse
+
+    text = (sse({"x": "a\nb"}) + sse({"y": 2}) + SSE_DONE).decode()
+    assert parse_sse(text) == [{"x": "a\nb"}, {"y": 2}, "[DONE]"]
+
+
+# ---------------------------------------------------------------------- engine loop
+async def _collect(req: GenRequest):
+    toks, done = [], None
+    async for item in req.items():
+        if isinstance(item, TokenItem):
+            toks.append(item.delta)
+        else:
+            done = item
+    return toks, done
+
+
+def _entry(policy: SkipPolicy) -> policies.PolicyEntry:
+    return policies.PolicyEntry(policy, "p")
+
+
+def test_engine_batches_rows_with_different_max_tokens_like_single_runs(tiny):
+    model, tok = tiny
+    prompts = [[5, 6, 7], [9, 10], [1, 2, 3, 4, 5], [42]]
+    limits = [3, 9, 6, 1]
+    batch_sizes = []
+    events = []
+
+    def counting_generate(*a, **kw):
+        for ev in generate(*a, **kw):
+            events.append(ev.row)
+            yield ev
+
+    async def run():
+        eng = BatchEngine(model, tok, max_batch_size=8, batch_wait_s=0.2, on_batch=batch_sizes.append,
+                          generate_fn=counting_generate).start()
+        try:
+            reqs = [eng.submit(GenRequest(p, SamplingParams(max_new_tokens=n, temperature=0, stop=("3 9",)),
+                                          _entry(SKIPPY))) for p, n in zip(prompts, limits)]
+            return await asyncio.gather(*(_collect(r) for r in reqs)), eng.batches
+        finally:
+            eng.close()
+
+    outs, batches = asyncio.run(run())
+    assert batches == 1 and batch_sizes == [4]
+    for row, (p, n, (toks, done)) in enumerate(zip(prompts, limits, outs)):
+        assert events.count(row) == done.completion_tokens  # generate ended the row at its own limit
+        results = []
+        for _ in generate(model, tok, [p], SKIPPY, SamplingParams(max_new_tokens=n, temperature=0, stop=("3 9",)),
+                          results=results):
+            pass
+        single = results[0]
+        assert isinstance(done, DoneItem)
+        assert "".join(toks) + done.tail == done.text == single.text
+        assert done.finish_reason == single.finish_reason
+        assert done.completion_tokens == single.stats.generated_tokens == len(toks)
+        assert done.stats.skipped_per_layer == single.stats.skipped_per_layer
+        assert done.stats.skip_ratio == single.stats.skip_ratio
+
+
+def test_cancelled_rows_stop_and_an_all_cancelled_batch_ends_early(tiny):
+    model, tok = tiny
+    steps = []
+
+    def counting_generate(*a, **kw):
+        for ev in generate(*a, **kw):
+            steps.append(ev.row)
+            yield ev
+
+    async def run():
+        eng = BatchEngine(model, tok, max_batch_size=2, batch_wait_s=0.2, generate_fn=counting_generate).start()
+        try:
+            a = eng.submit(GenRequest([1, 2], SamplingParams(max_new_tokens=400, temperature=0), _entry(SKIPPY)))
+            b = eng.submit(GenRequest([3, 4], SamplingParams(max_new_tokens=400, temperature=0), _entry(SKIPPY)))
+            n = 0
+            async for item in a.items():
+                n += 1
+                if n == 3:
+                    a.cancel()
+                    break
+            got_b = 0
+            async for item in b.items():
+                got_b += 1
+                if got_b == 10:
+                    b.cancel()
+                    break
+            while eng.running:
+                await asyncio.sleep(0.01)
+            # the engine is free again
+            c = eng.submit(GenRequest([7], SamplingParams(max_new_tokens=2, temperature=0), _entry(SKIPPY)))
+            return await _collect(c)
+        finally:
+            eng.close()
+
+    toks, done = asyncio.run(run())
+    assert isinstance(done, DoneItem) and len(toks) == 2
+    first_batch = steps[: len(steps) - 2]
+    assert len(first_batch) < 2 * 400 and first_batch.count(1) < 400  # the batch stopped long before its end
+
+
+def test_queue_bound_overloads_and_a_failing_batch_does_not_kill_the_engine(tiny):
+    model, tok = tiny
+    calls = []
+
+    def flaky_generate(m, t, prompts, policy, params, **kw):
+        calls.append(len(prompts))
+        if prompts[0][0] == 99:
+            raise RuntimeError("boom")
+        yield from generate(m, t, prompts, policy, params, **kw)
+
+    async def run():
+        eng = BatchEngine(model, tok, max_batch_size=1, batch_wait_s=0.0, max_queued=1, generate_fn=flaky_generate).start()
+        try:
+            bad = eng.submit(GenRequest([99], SamplingParams(max_new_tokens=3), _entry(SKIPPY)))
+            item = await bad.next_item()
+            assert isinstance(item, ErrorItem) and "boom" in str(item.error)
+            a = eng.submit(GenRequest([1], SamplingParams(max_new_tokens=500, temperature=0), _entry(SKIPPY)))
+            assert isinstance(await a.next_item(), TokenItem)  # a is decoding
+            b = eng.submit(GenRequest([2], SamplingParams(max_new_tokens=2, temperature=0), _entry(SKIPPY)))
+            with pytest.raises(Overloaded):
+                eng.submit(GenRequest([3], SamplingParams(max_new_tokens=2), _entry(SKIPPY)))
+            a.cancel()
+            toks, done = await _collect(b)
+            assert isinstance(done, DoneItem) and len(toks) == 2
+            assert eng.alive
+        finally:
+            eng.close()
+
+    asyncio.run(run())
+    assert calls[0] == 1 and len(calls) == 3
+
+
+def test_batch_grouping_keys():
+    greedy = [GenRequest([1], SamplingParams(temperature=0, seed=s, top_p=p), _entry(SKIPPY))
+              for s, p in ((1, 1.0), (2, 0.5), (None, 1.0))]
+    assert len({r.group_key() for r in greedy}) == 1  # seed and top_p do not matter for greedy rows
+    seeded = [GenRequest([1], SamplingParams(temperature=0.7, seed=3), _entry(SKIPPY)) for _ in range(2)]
+    assert seeded[0].group_key() != seeded[1].group_key()  # seeded sampling runs alone (reproducible)
+    unseeded = [GenRequest([1], SamplingParams(temperature=0.7, max_new_tokens=n), _entry(SKIPPY)) for n in (3, 9)]
+    assert unseeded[0].group_key() == unseeded[1].group_key()
+    other = GenRequest([1], SamplingParams(temperature=0), _entry(SkipPolicy.dense()))
+    assert other.group_key() != greedy[0].group_key()
+    sd = [GenRequest([1], SamplingParams(temperature=0, max_new_tokens=n), _entry(SkipPolicy(mode="skipdecode")))
+          for n in (3, 9)]
+    assert sd[0].group_key() != sd[1].group_key()
+
+
+# ---------------------------------------------------------------------- HTTP over a tiny model
+def _service(tiny, **kw):
+    from serve.service import Service
+
+    model, tok = tiny
+    keys = {k: kw.pop(k) for k in ("api_key", "admin_key") if k in kw}
+    args = ServeArgs(model="tiny", batch_wait_ms=1, **kw)
+    return Service(args, model, tok, policies.from_dict(SKIPPY.to_dict(), "start"), **keys)
+
+
+def _run_app(service, fn):
+    from serve.http import build_app
+
+    async def go():
+        transport = httpx.ASGITransport(app=build_app(service))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await fn(client)
+
+    try:
+        return asyncio.run(go())
+    finally:
+        service.close()
+
+
+def test_http_completions_equal_generate_and_stream_carries_ffnskip(tiny):
+    model, tok = tiny
+
+    async def fn(c):
+        r = await c.post("/v1/completions", json={"model": "tiny", "prompt": "5 6 7", "max_tokens": 6, "temperature": 0})
+        s = await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "5 6 7"}],
+                                                       "max_tokens": 6, "temperature": 0, "stream": True})
+        ids = await c.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 6, "temperature": 0})
+        return r, s, ids
+
+    r, s, ids = _run_app(_service(tiny), fn)
+    (ref,), _ = generate_text(model, tok, ["5 6 7"], SKIPPY, SamplingParams(max_new_tokens=6), raw=True)
+    out = r.json()
+    assert r.status_code == 200 and out["choices"][0]["text"] == ref.text
+    assert out["ffnskip"] == {"policy_id": "start", "skip_ratio": ref.stats.skip_ratio,
+                              "skip_ratio_post_warmup": ref.stats.skip_ratio_post_warmup,
+                              "skipped_ffn": ref.stats.skipped_ffn}
+    assert out["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}
+    assert ids.json()["choices"][0]["text"] == ref.text
+    events = parse_sse(s.text)
+    assert events[-1] == "[DONE]" and events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == ref.text
+    assert events[-2]["ffnskip"]["skipped_ffn"] == ref.stats.skipped_ffn and events[-2]["usage"]["completion_tokens"] == 6
+
+
+def test_http_keys_override_switch_and_policy_swaps(tiny, tmp_path):
+    from tuning.store import Store
+
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    with Store(db) as store:
+        st = store.create_study("st", model="tiny", task="t", search_space={}, config={"max_quality_drop": 0.1})
+        t1 = store.add_trial(st.id, "completed", {"threshold": 0.7, "skip_budget": 2},
+                             values={"quality_drop": 0.05, "skip_ratio": 0.1})
+        t2 = store.add_trial(st.id, "completed", {"threshold": 0.6, "skip_budget": 3},
+                             values={"quality_drop": 0.5, "skip_ratio": 0.9})  # infeasible
+        t3 = store.add_trial(st.id, "completed", {"threshold": 0.6, "skip_budget": 99},
+                             values={"quality_drop": 0.0, "skip_ratio": 0.01})  # does not fit 8 layers
+    svc = _service(tiny, api_key="k", admin_key="a", allow_policy_override=False, db=db)
+    user = {"Authorization": "Bearer k"}
+    admin = {"Authorization": "Bearer a"}
+
+    async def fn(c):
+        out = {}
+        out["noauth"] = await c.get("/v1/models")
+        out["models"] = await c.get("/v1/models", headers=user)
+        out["override"] = await c.post("/v1/chat/completions", headers=user, json={
+            "messages": MSG, "ffnskip_policy": {"mode": "dense"}})
+        out["put_user"] = await c.put("/v1/policy", headers=user, json={"policy": {"mode": "dense"}})
+        out["put_json"] = await c.put("/v1/policy", headers=admin, json={"policy": {"mode": "dense"}})
+        out["after"] = await c.post("/v1/completions", headers=user, json={"prompt": "1 2", "max_tokens": 2})
+        out["put_trial"] = await c.put("/v1/policy", headers=admin, json={"trial_id": t1})
+        out["put_study"] = await c.put("/v1/policy", headers=admin, json={"study": "st"})
+        out["put_unfit"] = await c.put("/v1/policy", headers=admin, json={"trial_id": t3})
+        out["put_missing"] = await c.put("/v1/policy", headers=admin, json={"trial_id": 12345})
+        out["put_none"] = await c.put("/v1/policy", headers=admin, json={})
+        out["get"] = await c.get("/v1/policy", headers=user)
+        out["health"] = await c.get("/healthz")
+        return out
+
+    o = _run_app(svc, fn)
+    assert o["noauth"].status_code == 401 and o["noauth"].json()["error"]["code"] == "invalid_api_key"
+    assert o["models"].json()["data"][0]["id"] == "tiny"
+    assert o["override"].status_code == 403 and o["override"].json()["error"]["code"] == "policy_override_disabled"
+    assert o["put_user"].status_code == 401
+    assert o["put_json"].status_code == 200 and o["put_json"].json()["policy_id"].startswith("json:")
+    assert o["after"].json()["ffnskip"]["skipped_ffn"] == 0
+    assert o["put_trial"].json()["policy_id"] == f"trial:{t1}"
+    assert o["put_study"].json()["policy_id"] == f"study:st/trial:{t1}"  # t2 breaks the quality constraint
+    assert o["put_unfit"].status_code == 400 and o["put_unfit"].json()["error"]["param"] == "policy.skip_budget"
+    assert o["put_missing"].status_code == 404
+    assert o["put_none"].status_code == 400
+    assert o["get"].json()["policy_id"] == f"study:st/trial:{t1}" and o["get"].json()["allow_override"] is False
+    assert o["health"].json()["status"] == "ok"
+    assert t2
+
+
+def test_http_timeout_body_limit_and_admin_disabled(tiny, monkeypatch):
+    import serve.http
+
+    monkeypatch.setattr(serve.http, "MAX_BODY_BYTES", 1000)
+    svc = _service(tiny, request_timeout_s=0.05)
+
+    async def fn(c):
+        slow = await c.post("/v1/completions", json={"prompt": "1", "max_tokens": 400, "temperature": 0})
+        big = await c.post("/v1/completions", json={"prompt": "1 " * 1000, "max_tokens": 1})
+        put = await c.put("/v1/policy", json={"policy": {"mode": "dense"}})
+        ok = await c.get("/healthz")
+        return slow, big, put, ok
+
+    slow, big, put, ok = _run_app(svc, fn)
+    assert slow.status_code == 504 and slow.json()["error"]["code"] == "timeout"
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    assert put.status_code == 403 and put.json()["error"]["code"] == "admin_disabled"
+    assert ok.status_code == 200
+
+
+# ---------------------------------------------------------------------- policy sources, builder, config, CLI
+def test_startup_policy_sources(tmp_path):
+    from tuning.store import Store
+
+    f = tmp_path / "p.json"
+    SKIPPY.save(f)
+    e = policies.startup_entry(ServeArgs(policy=str(f)))
+    assert e.policy == SKIPPY and e.policy_id.startswith("file:p.json@")
+    assert policies.startup_entry(ServeArgs(policy_json='{"mode": "dense"}')).policy.mode == "dense"
+    assert policies.startup_entry(ServeArgs(policy_json='{"mode": "dense"}', policy_id="x")).policy_id == "x"
+    assert policies.startup_entry(ServeArgs()).policy == SkipPolicy()
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    with Store(db) as store:
+        st = store.create_study("s", model="m", task="t", search_space={}, config={})
+        store.add_trial(st.id, "completed", {"threshold": 0.8}, values={"quality_drop": 0.0, "skip_ratio": 0.2})
+        best = store.add_trial(st.id, "completed", {"threshold": 0.7}, values={"quality_drop": 0.0, "skip_ratio": 0.3})
+    e = policies.startup_entry(ServeArgs(study="s", db=db))
+    assert e.policy_id == f"study:s/trial:{best}" and e.policy.threshold == 0.7
+    with pytest.raises(policies.PolicySourceError):
+        policies.startup_entry(ServeArgs(study="nope", db=db))
+    with pytest.raises(ValueError, match="at most one"):
+        ServeArgs(policy=str(f), study="s")
+
+
+def test_typed_app_builder_and_config_file(tmp_path):
+    import yaml
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import app
+
+    f = tmp_path / "p.json"
+    SKIPPY.save(f)
+    built = call_user_app_builder_with_args_if_necessary(app, {"model": "smollm2-135m", "policy": str(f),
+                                                               "max_batch_size": "4"})
+    from ray.serve import Application
+
+    assert isinstance(built, Application)
+    with pytest.raises(Exception, match="max_batch_size"):
+        call_user_app_builder_with_args_if_necessary(app, {"max_batch_size": 0})
+    with pytest.raises(Exception, match="colour"):
+        call_user_app_builder_with_args_if_necessary(app, {"colour": "red"})
+
+    cfg = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(cfg)
+    (spec,) = schema.applications
+    assert spec.import_path == "serve.app:app"
+    args = ServeArgs.model_validate(spec.args)
+    assert args.model == "smollm2-135m" and policies.startup_entry(args).policy.threshold == 0.9
+    assert cfg["http_options"]["host"] == "127.0.0.1"
+
+
+def test_cli_user_errors_exit_2_before_starting_ray(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"threshold": "high"}')
+    cases = [
+        (["serve", "--policy", str(tmp_path / "missing.json")], "--policy"),
+        (["serve", "--policy", str(bad)], "threshold"),
+        (["serve", "--policy-json", "{"], "--policy-json"),
+        (["serve", "--study", "nope", "--db", f"sqlite:///{tmp_path / 'empty.db'}"], "--study"),
+        (["serve", "--model", "no-such-model"], "no-such-model"),
+        (["serve", "--max-queued-requests", "-1"], "--max-queued-requests"),
+    ]
+    for argv, needle in cases:
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err
+    with pytest.raises(SystemExit) as ei:
+        cli_main(["serve", "--max-batch-size", "0"])
+    assert ei.value.code == 2
+    import ray
+
+    assert not ray.is_initialized()
