@@ -1,0 +1,593 @@
+"""The results store: queries over the ORM models, one session scope, migrations on open.
+
+Shaped like Optuna's ``storages/_rdb``: the models (:mod:`.models`) are apart from the queries
+(here); every query runs inside :meth:`Store.session_scope`, which commits or rolls back; the
+schema is created and upgraded by the Alembic migrations shipped in :mod:`.migrations` (version
+table ``ffnskip_alembic_version``) when a store is opened with ``migrate=True``.
+
+One code path for SQLite and PostgreSQL:
+
+* SQLite (default ``sqlite:///ffnskip.db``): WAL journal, foreign keys on, a 30 s busy timeout,
+  and write transactions that take the write lock up front (``BEGIN IMMEDIATE``), so concurrent
+  writers queue instead of failing on a lock upgrade.
+* PostgreSQL (``postgresql+psycopg://user:pw@host/db``): migrations serialised by an advisory
+  lock; serialization failures and deadlocks are retried.
+
+Every public method returns plain dataclasses (detached from any session).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
+
+from sqlalchemy import create_engine, delete, event, func, inspect, select, text, update
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from .models import TRIAL_STATUSES, BaselineModel, SampleModel, StudyModel, TrialModel
+
+log = logging.getLogger(__name__)
+
+#: The store used when neither ``--db`` nor ``$FFNSKIP_DB`` names one.
+DEFAULT_URL = "sqlite:///ffnskip.db"
+ENV_DB = "FFNSKIP_DB"
+VERSION_TABLE = "ffnskip_alembic_version"
+#: Key of the PostgreSQL advisory lock held while migrating.
+_MIGRATION_LOCK = 0x0FF5C1B
+
+#: Metric columns of ``ffnskip_trials`` (everything else is in its ``metrics`` JSON).
+METRIC_COLUMNS = ("quality", "quality_drop", "skip_ratio", "skip_ratio_post_warmup", "tokens_per_s", "speedup")
+#: Per-sample keys stored as ``ffnskip_samples`` columns (``index`` becomes ``idx``).
+SAMPLE_FIELDS = ("prompt", "reference", "dense_output", "output", "scores", "generated_tokens", "skipped_ffn", "skip_ratio")
+
+T = TypeVar("T")
+
+
+class StoreError(RuntimeError):
+    """A store could not be opened or a request cannot be met (one line for the user)."""
+
+
+class StudyExists(StoreError):
+    pass
+
+
+class StudyNotFound(StoreError):
+    pass
+
+
+def default_url() -> str:
+    return os.environ.get(ENV_DB) or DEFAULT_URL
+
+
+def utcnow() -> datetime:
+    """Naive UTC, the store's time convention."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+# ------------------------------------------------------------------------------ records
+@dataclass
+class StudyRecord:
+    id: int
+    name: str
+    model: str
+    model_hash: str | None
+    task: str
+    data_fingerprint: str | None
+    search_space: dict[str, Any]
+    config: dict[str, Any]
+    hardware: dict[str, Any] | None
+    library_versions: dict[str, Any] | None
+    git_commit: str | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, m: StudyModel) -> "StudyRecord":
+        return cls(**{f: getattr(m, f) for f in cls.__dataclass_fields__})
+
+
+@dataclass
+class StudySummary:
+    study: StudyRecord
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+@dataclass
+class TrialRecord:
+    id: int
+    study_id: int
+    status: str
+    policy: dict[str, Any]
+    optuna_number: int | None
+    ray_trial_id: str | None
+    quality: float | None
+    quality_drop: float | None
+    skip_ratio: float | None
+    skip_ratio_post_warmup: float | None
+    tokens_per_s: float | None
+    speedup: float | None
+    metrics: dict[str, Any] | None
+    error: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    node: str | None
+
+    @classmethod
+    def of(cls, m: TrialModel) -> "TrialRecord":
+        return cls(**{f: getattr(m, f) for f in cls.__dataclass_fields__})
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started_at and self.finished_at:
+            return (self.finished_at - self.started_at).total_seconds()
+        return None
+
+
+@dataclass
+class SampleRecord:
+    id: int
+    trial_id: int
+    idx: int
+    prompt: str | None
+    reference: Any
+    dense_output: str | None
+    output: str | None
+    scores: dict[str, Any] | None
+    generated_tokens: int | None
+    skipped_ffn: int | None
+    skip_ratio: float | None
+
+    @classmethod
+    def of(cls, m: SampleModel) -> "SampleRecord":
+        return cls(**{f: getattr(m, f) for f in cls.__dataclass_fields__})
+
+
+@dataclass
+class BaselineRecord:
+    id: int
+    study_id: int
+    quality: float | None
+    tokens_per_s: float | None
+    metrics: dict[str, Any]
+    outputs: list[Any] | None
+    n: int | None
+    node: str | None
+    duration_s: float | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, m: BaselineModel) -> "BaselineRecord":
+        return cls(**{f: getattr(m, f) for f in cls.__dataclass_fields__})
+
+
+# ------------------------------------------------------------------------------ engine
+def _sqlite_path(url) -> Path | None:
+    db = url.database
+    if not db or db == ":memory:" or db.startswith("file:"):
+        return None
+    return Path(db).expanduser().resolve()
+
+
+def display_url(url: str) -> str:
+    """The URL without its password; SQLite files as absolute paths."""
+    try:
+        u = make_url(url)
+    except ArgumentError:
+        return url
+    if u.get_backend_name() == "sqlite":
+        p = _sqlite_path(u)
+        return f"sqlite:///{p}" if p else str(u)
+    return u.render_as_string(hide_password=True)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Lock contention or a serialization conflict: the same transaction may succeed if retried."""
+    orig = getattr(exc, "orig", None)
+    if getattr(orig, "sqlstate", None) in ("40001", "40P01"):  # serialization failure, deadlock
+        return True
+    msg = str(orig or exc).lower()
+    return isinstance(exc, OperationalError) and ("database is locked" in msg or "database is busy" in msg)
+
+
+def _make_engine(url: str) -> Engine:
+    try:
+        u = make_url(url)
+    except ArgumentError:
+        raise StoreError(
+            f"malformed database URL {url!r}: use sqlite:///FILE.db or postgresql+psycopg://USER:PW@HOST/DB"
+        ) from None
+    backend = u.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise StoreError(f"unsupported database {backend!r} in {display_url(url)}: use SQLite or PostgreSQL")
+    try:
+        if backend == "sqlite":
+            engine = create_engine(u, connect_args={"timeout": 30, "check_same_thread": False})
+            memory = _sqlite_path(u) is None
+
+            @event.listens_for(engine, "connect")
+            def _on_connect(dbapi_conn, _record):
+                # The driver must not open transactions on its own: we emit BEGIN IMMEDIATE below.
+                dbapi_conn.isolation_level = None
+                cur = dbapi_conn.cursor()
+                if not memory:
+                    cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.execute("PRAGMA busy_timeout=30000")
+                cur.close()
+
+            @event.listens_for(engine, "begin")
+            def _on_begin(conn):
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        else:
+            engine = create_engine(u, pool_pre_ping=True)
+    except (NoSuchModuleError, ImportError) as exc:
+        raise StoreError(f"no database driver for {display_url(url)}: {exc}") from None
+    return engine
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    lines = str(orig).strip().splitlines()
+    return lines[0] if lines else type(orig).__name__
+
+
+# ------------------------------------------------------------------------------ the store
+class Store:
+    """The ffnskip results store on one database URL.
+
+    ``migrate``: create / upgrade the schema on open (the study driver and the CLI do; short-lived
+    readers may skip it). ``must_exist``: a SQLite file that does not exist is an error instead of
+    being created (for read-only commands, so a typo in ``--db`` does not create an empty file).
+    """
+
+    def __init__(self, url: str | None = None, *, migrate: bool = True, must_exist: bool = False,
+                 max_retries: int = 8):
+        self.url = url or default_url()
+        self.max_retries = max_retries
+        u = make_url(self.url) if _valid(self.url) else None
+        if must_exist and u is not None and u.get_backend_name() == "sqlite":
+            p = _sqlite_path(u)
+            if p is not None and not p.is_file():
+                raise StoreError(f"no results database at {p}: run a study first, or pass --db")
+        self.engine = _make_engine(self.url)
+        self.dialect = self.engine.dialect.name
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        try:
+            if migrate:
+                self.migrate()
+            elif not inspect(self.engine).has_table("ffnskip_studies"):
+                raise StoreError(f"{self.location} has no ffnskip tables: run a study first, or pass --db")
+        except (OperationalError, DBAPIError) as exc:
+            self.engine.dispose()
+            raise StoreError(f"cannot open {self.location}: {_first_line(exc)}") from None
+        except BaseException:
+            self.engine.dispose()
+            raise
+
+    @property
+    def location(self) -> str:
+        return display_url(self.url)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -------------------------------------------------------------------------- plumbing
+    @contextmanager
+    def session_scope(self) -> Iterator[Session]:
+        """A session whose work is committed on success and rolled back on any exception."""
+        session = self._sessions()
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    def _run(self, work: Callable[[Session], T]) -> T:
+        """``work`` in one transaction, retried from scratch on lock contention / conflicts."""
+        delay = 0.05
+        for attempt in range(self.max_retries):
+            try:
+                with self.session_scope() as session:
+                    return work(session)
+            except (OperationalError, DBAPIError) as exc:
+                if attempt == self.max_retries - 1 or not _is_transient(exc):
+                    raise
+                log.debug("store: transient error (%s), retry %d", _first_line(exc), attempt + 1)
+                time.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 2.0)
+        raise AssertionError("unreachable")
+
+    def migrate(self) -> None:
+        """Create or upgrade the ffnskip tables to the newest revision (idempotent, concurrent-safe)."""
+        from alembic import command
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", "tuning.store:migrations")
+        cfg.set_main_option("path_separator", "os")
+        with self.engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE serialises concurrent openers
+            if self.dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    def revision(self) -> str | None:
+        """The schema revision recorded in ``ffnskip_alembic_version``."""
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as conn:
+            ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+            return ctx.get_current_revision()
+
+    # -------------------------------------------------------------------------- studies
+    def create_study(self, name: str, *, model: str, task: str, search_space: dict[str, Any],
+                     config: dict[str, Any], model_hash: str | None = None,
+                     data_fingerprint: str | None = None, hardware: dict[str, Any] | None = None,
+                     library_versions: dict[str, Any] | None = None, git_commit: str | None = None,
+                     created_at: datetime | None = None) -> StudyRecord:
+        def work(s: Session) -> StudyRecord:
+            m = StudyModel(
+                name=name, model=model, model_hash=model_hash, task=task,
+                data_fingerprint=data_fingerprint, search_space=search_space, config=config,
+                hardware=hardware, library_versions=library_versions, git_commit=git_commit,
+                created_at=created_at or utcnow(),
+            )
+            s.add(m)
+            s.flush()
+            return StudyRecord.of(m)
+
+        try:
+            return self._run(work)
+        except IntegrityError:
+            raise StudyExists(f"study '{name}' already exists in {self.location}") from None
+
+    def get_study(self, name: str) -> StudyRecord | None:
+        def work(s: Session) -> StudyRecord | None:
+            m = s.scalar(select(StudyModel).where(StudyModel.name == name))
+            return StudyRecord.of(m) if m else None
+
+        return self._run(work)
+
+    def require_study(self, name: str) -> StudyRecord:
+        study = self.get_study(name)
+        if study is None:
+            names = [st.study.name for st in self.list_studies()]
+            known = f"studies: {', '.join(names)}" if names else "it has no studies yet"
+            raise StudyNotFound(f"no study '{name}' in {self.location} ({known})")
+        return study
+
+    def list_studies(self) -> list[StudySummary]:
+        def work(s: Session) -> list[StudySummary]:
+            studies = s.scalars(select(StudyModel).order_by(StudyModel.id)).all()
+            rows = s.execute(
+                select(TrialModel.study_id, TrialModel.status, func.count()).group_by(
+                    TrialModel.study_id, TrialModel.status
+                )
+            ).all()
+            counts: dict[int, dict[str, int]] = {}
+            for sid, status, n in rows:
+                counts.setdefault(sid, {})[status] = n
+            return [StudySummary(StudyRecord.of(m), counts.get(m.id, {})) for m in studies]
+
+        return self._run(work)
+
+    def delete_study(self, name: str) -> bool:
+        def work(s: Session) -> bool:
+            m = s.scalar(select(StudyModel).where(StudyModel.name == name))
+            if m is None:
+                return False
+            s.delete(m)
+            return True
+
+        return self._run(work)
+
+    # -------------------------------------------------------------------------- baselines
+    def save_baseline(self, study_id: int, *, metrics: dict[str, Any], quality: float | None,
+                      tokens_per_s: float | None, outputs: list[Any] | None = None, n: int | None = None,
+                      node: str | None = None, duration_s: float | None = None) -> BaselineRecord:
+        def work(s: Session) -> BaselineRecord:
+            m = BaselineModel(
+                study_id=study_id, metrics=metrics, quality=quality, tokens_per_s=tokens_per_s,
+                outputs=outputs, n=n, node=node, duration_s=duration_s, created_at=utcnow(),
+            )
+            s.add(m)
+            s.flush()
+            return BaselineRecord.of(m)
+
+        return self._run(work)
+
+    def get_baseline(self, study_id: int) -> BaselineRecord | None:
+        def work(s: Session) -> BaselineRecord | None:
+            m = s.scalar(select(BaselineModel).where(BaselineModel.study_id == study_id))
+            return BaselineRecord.of(m) if m else None
+
+        return self._run(work)
+
+    # -------------------------------------------------------------------------- trials
+    def start_trial(self, study_id: int, policy: dict[str, Any], *, ray_trial_id: str | None = None,
+                    optuna_number: int | None = None, node: str | None = None,
+                    started_at: datetime | None = None) -> int:
+        """A new ``running`` trial; returns its id."""
+        return self.add_trial(study_id, "running", policy, ray_trial_id=ray_trial_id,
+                              optuna_number=optuna_number, node=node, started_at=started_at or utcnow())
+
+    def add_trial(self, study_id: int, status: str, policy: dict[str, Any], *,
+                  values: Mapping[str, float | None] | None = None, metrics: dict[str, Any] | None = None,
+                  samples: Sequence[Mapping[str, Any]] = (), error: str | None = None,
+                  ray_trial_id: str | None = None, optuna_number: int | None = None,
+                  node: str | None = None, started_at: datetime | None = None,
+                  finished_at: datetime | None = None) -> int:
+        """One trial row (and its samples) in one transaction; returns its id."""
+        _check_status(status)
+
+        def work(s: Session) -> int:
+            m = TrialModel(study_id=study_id, status=status, policy=policy, ray_trial_id=ray_trial_id,
+                           optuna_number=optuna_number, node=node, started_at=started_at,
+                           finished_at=finished_at, error=error, metrics=metrics)
+            _set_values(m, values or {})
+            s.add(m)
+            s.flush()
+            _add_samples(s, m.id, samples)
+            return m.id
+
+        return self._run(work)
+
+    def complete_trial(self, trial_id: int, *, values: Mapping[str, float | None], metrics: dict[str, Any],
+                       samples: Sequence[Mapping[str, Any]] = (), node: str | None = None,
+                       started_at: datetime | None = None, finished_at: datetime | None = None) -> None:
+        """Mark a trial ``completed`` with its metrics and per-sample rows (all or nothing)."""
+
+        def work(s: Session) -> None:
+            m = _get_trial(s, trial_id)
+            m.status = "completed"
+            m.metrics = metrics
+            m.error = None
+            _set_values(m, values)
+            if node:
+                m.node = node
+            if started_at:
+                m.started_at = started_at
+            m.finished_at = finished_at or utcnow()
+            s.execute(delete(SampleModel).where(SampleModel.trial_id == trial_id))
+            _add_samples(s, trial_id, samples)
+
+        self._run(work)
+
+    def fail_trial(self, trial_id: int, error: str, *, node: str | None = None,
+                   finished_at: datetime | None = None) -> None:
+        def work(s: Session) -> None:
+            m = _get_trial(s, trial_id)
+            m.status = "failed"
+            m.error = error
+            if node and not m.node:
+                m.node = node
+            m.finished_at = finished_at or utcnow()
+
+        self._run(work)
+
+    def fail_running_trials(self, study_id: int, error: str, *, ids: Sequence[int] | None = None) -> int:
+        """Mark the study's ``running`` trials (or only ``ids`` among them) failed; returns how many."""
+
+        def work(s: Session) -> int:
+            q = (
+                update(TrialModel)
+                .where(TrialModel.study_id == study_id, TrialModel.status == "running")
+                .values(status="failed", error=error, finished_at=utcnow())
+            )
+            if ids is not None:
+                q = q.where(TrialModel.id.in_(list(ids)))
+            return s.execute(q).rowcount or 0
+
+        return self._run(work)
+
+    def get_trial(self, trial_id: int) -> TrialRecord:
+        return self._run(lambda s: TrialRecord.of(_get_trial(s, trial_id)))
+
+    def trials(self, study_id: int, status: str | None = None) -> list[TrialRecord]:
+        if status is not None:
+            _check_status(status)
+
+        def work(s: Session) -> list[TrialRecord]:
+            q = select(TrialModel).where(TrialModel.study_id == study_id).order_by(TrialModel.id)
+            if status is not None:
+                q = q.where(TrialModel.status == status)
+            return [TrialRecord.of(m) for m in s.scalars(q)]
+
+        return self._run(work)
+
+    def count_trials(self, study_id: int) -> dict[str, int]:
+        def work(s: Session) -> dict[str, int]:
+            rows = s.execute(
+                select(TrialModel.status, func.count()).where(TrialModel.study_id == study_id).group_by(TrialModel.status)
+            ).all()
+            counts = {st: 0 for st in TRIAL_STATUSES}
+            counts.update({st: n for st, n in rows})
+            return counts
+
+        return self._run(work)
+
+    def samples(self, trial_id: int) -> list[SampleRecord]:
+        def work(s: Session) -> list[SampleRecord]:
+            q = select(SampleModel).where(SampleModel.trial_id == trial_id).order_by(SampleModel.idx)
+            return [SampleRecord.of(m) for m in s.scalars(q)]
+
+        return self._run(work)
+
+
+# ------------------------------------------------------------------------------ helpers
+def _valid(url: str) -> bool:
+    try:
+        make_url(url)
+        return True
+    except ArgumentError:
+        return False
+
+
+def _check_status(status: str) -> None:
+    if status not in TRIAL_STATUSES:
+        raise ValueError(f"trial status must be one of {', '.join(TRIAL_STATUSES)}; got {status!r}")
+
+
+def _get_trial(s: Session, trial_id: int) -> TrialModel:
+    m = s.get(TrialModel, trial_id)
+    if m is None:
+        raise StoreError(f"no trial with id {trial_id}")
+    return m
+
+
+def _set_values(m: TrialModel, values: Mapping[str, float | None]) -> None:
+    unknown = set(values) - set(METRIC_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown metric columns {sorted(unknown)}; known: {', '.join(METRIC_COLUMNS)}")
+    for name, value in values.items():
+        setattr(m, name, None if value is None else float(value))
+
+
+_TEXT_FIELDS = ("prompt", "dense_output", "output")
+
+
+def _sample_value(key: str, value: Any) -> Any:
+    # Multi-turn tasks give lists of turns: text columns hold them as JSON text.
+    if key in _TEXT_FIELDS and value is not None and not isinstance(value, str):
+        return json.dumps(value)
+    return value
+
+
+def _add_samples(s: Session, trial_id: int, samples: Sequence[Mapping[str, Any]]) -> None:
+    for i, sample in enumerate(samples):
+        s.add(SampleModel(trial_id=trial_id, idx=int(sample.get("index", i)),
+                          **{k: _sample_value(k, sample.get(k)) for k in SAMPLE_FIELDS}))
+
+
+def optuna_storage(url: str):
+    """Optuna's RDBStorage on the same database (its own tables, its own ``alembic_version``)."""
+    import optuna
+
+    u = make_url(url)
+    kwargs: dict[str, Any] = (
+        {"connect_args": {"timeout": 30}} if u.get_backend_name() == "sqlite" else {"pool_pre_ping": True}
+    )
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
