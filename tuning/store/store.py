@@ -65,8 +65,12 @@ class StudyNotFound(StoreError):
     pass
 
 
+#: The cluster-wide name of the same setting (docker-compose, KubeRay); either is honoured.
+ENV_DB_URL = "FFNSKIP_DB_URL"
+
+
 def default_url() -> str:
-    return os.environ.get(ENV_DB) or DEFAULT_URL
+    return os.environ.get(ENV_DB) or os.environ.get(ENV_DB_URL) or DEFAULT_URL
 
 
 def utcnow() -> datetime:
