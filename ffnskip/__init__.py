@@ -51,3 +51,13 @@ __all__ = [
     "load_model",
     "prefill",
 ]
+
+
+def __getattr__(name: str):
+    # `ffnskip.evaluate` is the evaluation module, callable as
+    # `ffnskip.evaluate(model, tokenizer, policy, task, ...)`; imported on first use.
+    if name == "evaluate":
+        import importlib
+
+        return importlib.import_module(".evaluate", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -72,6 +72,20 @@ CNNDM_JUDGE_PROMPTS = "cnn_dailymail_llmkick/json_utils/prompt.jsonl"
 CNNDM_REVIEWERS = "cnn_dailymail_llmkick/json_utils/reviewer.jsonl"
 
 
+_MEMO: dict[tuple, object] = {}
+
+
+def _memo(kind: str, paths: list[Path], build):
+    """Parsed shared data, kept per process and keyed by the files' paths, sizes and mtimes, so
+    repeated evaluations (a tuning run) do not re-read them. Callers get a deep copy."""
+    import copy
+
+    key = (kind, *((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths))
+    if key not in _MEMO:
+        _MEMO[key] = build()
+    return copy.deepcopy(_MEMO[key])
+
+
 def _quiet_datasets():
     import datasets
 
@@ -111,6 +125,10 @@ def freebaseqa(explicit_dir: str | os.PathLike | None = None, split: str = "eval
     if split not in ("eval", "dev"):
         raise DataError(f"FreebaseQA split must be eval or dev; got {split!r}")
     path = data_file(FREEBASEQA_EVAL if split == "eval" else FREEBASEQA_DEV, explicit_dir)
+    return _memo("freebaseqa", [path], lambda: _read_freebaseqa(path))
+
+
+def _read_freebaseqa(path: Path) -> list[dict]:
     ds = _load("csv", path, sep="|", header=None, names=["question", "answer"], quoting=3,
                keep_default_na=False)
     order: dict[str, dict] = {}
@@ -144,6 +162,10 @@ def cnndm_stories(explicit_dir: str | os.PathLike | None = None) -> list[dict]:
     """The 90 LLM-KICK summarization items in question_id order:
     ``[{"question_id", "bucket", "story_file", "article", "highlights": [..]}]``."""
     index = data_file(CNNDM_INDEX, explicit_dir)
+    return _memo("cnndm", [index], lambda: _read_cnndm(index))
+
+
+def _read_cnndm(index: Path) -> list[dict]:
     root = index.parent
     rows = list(_load("csv", index, sep="\t"))
     paths = [root / str(row["story_file"]) for row in rows]
@@ -178,12 +200,17 @@ def mt_bench_questions(explicit_dir: str | os.PathLike | None = None) -> list[di
     """MT-Bench: ``[{"question_id", "category", "turns": [q1, q2], "reference": [r1, r2] | None}]``;
     ``reference`` comes from the GPT-4 reference answers when there is one (math, reasoning,
     coding), else from the question file's own short references, else None."""
-    ds = _load("json", data_file(MT_BENCH_QUESTIONS, explicit_dir))
-    refs = {}
+    qpath = data_file(MT_BENCH_QUESTIONS, explicit_dir)
     try:
         rpath = data_file(MT_BENCH_REFERENCES, explicit_dir)
     except DataError:
         rpath = None
+    return _memo("mt_bench", [qpath] + ([rpath] if rpath else []), lambda: _read_mt_bench(qpath, rpath))
+
+
+def _read_mt_bench(qpath: Path, rpath: Path | None) -> list[dict]:
+    ds = _load("json", qpath)
+    refs = {}
     if rpath is not None:
         for row in _load("json", rpath):
             refs[int(row["question_id"])] = list(row["choices"][0]["turns"])
