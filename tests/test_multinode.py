@@ -363,9 +363,10 @@ def test_tuning_job_spreads_over_two_nodes_into_postgresql(postgresql_url, clust
             actors = http_json(f"{dashboard}/api/v0/actors?limit=1000&detail=1", token)["data"]["result"]["result"]
             trial_nodes = {a["node_id"] for a in actors if "ImplicitFunc" in a.get("class_name", "")}
             assert trial_nodes == set(by_id), (trial_nodes, list(by_id))
-        # Each node cached the dense decodes it used in its own $FFNSKIP_CACHE_DIR.
-        for name in ("a", "b"):
-            assert list((cluster_dir / name / "cache" / "dense").rglob("*.json")), f"node {name} cached nothing"
+        # Caches are per node: what was cached went to a node's own $FFNSKIP_CACHE_DIR (which node
+        # decoded densely depends on where Ray placed the baseline task, so only "some" is fixed).
+        cached = {name: list((cluster_dir / name / "cache" / "dense").rglob("*.json")) for name in ("a", "b")}
+        assert any(cached.values()), "no node cached its dense decodes in its own cache dir"
     finally:
         left = {n.name: n.stop() for n in reversed(nodes)}
     assert not any(left.values()), f"Ray processes outlived the test: {left}"
