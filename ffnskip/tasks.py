@@ -7,8 +7,8 @@ itself (dense and policy, fidelity, speed) is the same for every task and lives 
 
 Tasks (``TASKS``):
 
-* ``factoid_qa``: FreebaseQA eval, method.md's prompt, greedy, stop at the first newline;
-  ``accuracy`` (substring rule on the generated text only) and ``exact_match``.
+* ``factoid_qa``: FreebaseQA eval, method.md's prompt, greedy, 24 new tokens (no stop string);
+  ``accuracy`` (substring rule on the generated text only) and ``exact_match`` (first line).
   ``factoid_qa_dev`` is the same on the dev split (tune there, report on eval).
 * ``summarization``: the 90 LLM-KICK CNN/DM stories (small / mid / large); ROUGE-1/2/L against
   the highlights, per bucket and overall.
@@ -184,7 +184,10 @@ class FactoidQA(Task):
     fields = ("question", "answer")
     required = ("question", "answer")
     default_max_new_tokens = 24
-    stop = ("\n",)
+    # No stop string: as in LLM-KICK, every output runs to max_new_tokens (or EOS), so dense and
+    # every policy decode outputs of the same length and their skip ratios compare directly.
+    # ``exact_match`` reads the first non-empty line; ``accuracy`` the whole output.
+    stop: tuple[str, ...] = ()
     metric_names = ("accuracy", "exact_match")
     split = "eval"
 

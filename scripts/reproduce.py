@@ -57,6 +57,7 @@ PAPER_TABLE2 = [  # method.md §6, about 20% skipped
     ("ShortGPT", 70.49, 6.17, 6.33),
     ("FFN-SkipLLM", 78.89, 7.55, 8.11),
 ]
+FACTOID_PROTOCOL = "24 tokens, no stop string"  # part of every saved factoid result's key
 TAU_GRID = [round(x, 3) for x in (0.995, 0.99, 0.985, 0.98, 0.975, 0.97, 0.965, 0.96, 0.955, 0.95, 0.945, 0.94,
                                   0.93, 0.92, 0.91, 0.90, 0.88, 0.85, 0.80, 0.70, 0.50, 0.0, -1.0)]
 
@@ -211,14 +212,16 @@ def render(results: dict, args, command: str) -> str:
       "model with a chat template (SmolLM2-Instruct) the prompt is sent as the user turn of its chat "
       "template (`--chat`), because with the raw prompt SmolLM2 answers with list numbers (\"1.\", "
       "\"2004.\") on almost every question; Gemma 3 270M is a base model without a template and gets the "
-      "raw prompt. Greedy, at most 24 new tokens, stop at the first newline.")
+      "raw prompt. Greedy, 24 new tokens (no stop string; EOS ends an output early), so the "
+      "outputs of dense and of every policy have the same length and their skip ratios compare directly.")
     w("- **accuracy**: a gold answer, lowercased with whitespace removed, is a substring of the lowercased, "
       "whitespace-free *generated* text (not prompt + output). **answer agreement**: the policy's output "
       "equals the dense output after SQuAD normalisation. **repetition**: share of repeated word 4-grams "
       "over all outputs; **collapsed**: outputs of at least 8 words whose 4-grams are at least half repeats, "
       "or in which a unit of up to 8 characters repeats 12+ times in a row.")
     w("- **skip ratio**: skipped FFN blocks / (layers x generated tokens), every generated token counted "
-      "(method.md §3); the warm-up and the prompt pass count as dense.")
+      "(method.md §3); the warm-up and the prompt pass count as dense. **exact match**: the first non-empty "
+      "line of the output equals a gold answer (SQuAD normalisation).")
     w(f"- Policies of Table 3 share warm-up {args.table_warmup} tokens, `dense_every` 0 and the default band "
       "(5 cold layers at each end). As in the authors' code, the adaptive threshold is fixed per model and "
       "the budget k varies with the target. Both are calibrated on "
@@ -464,17 +467,19 @@ def run_model(name: str, limit: int, args, store: Store, assets: Path) -> dict:
     res["profile"] = run_profile(model, tokenizer, name, assets, args.data_dir)
 
     base = {"warmup_tokens": args.table_warmup, "dense_every": 0, "seed": 0}
-    cs = {"calib": args.calib_limit, "chat": chat}
+    cs = {"calib": args.calib_limit, "chat": chat, "protocol": FACTOID_PROTOCOL}
     calib = store.get(name, "calibration-data", cs)
     if calib is None:
         log("calibration data (dense on dev)")
-        calib = calibration_data(model, tokenizer, chat, args.calib_limit, 24, args.data_dir)
+        calib = calibration_data(model, tokenizer, chat, args.calib_limit, 24, args.data_dir)  # the task's stop
         store.put(name, "calibration-data", cs, calib)
     res["calibration"] = calibrate(calib, base, num_layers, args.targets)
 
     def run(cfg_name: str, policy: dict, task="factoid_qa", **kw):
         settings = json.loads(json.dumps({"policy": policy, "task": task, "kw": kw, "chat": kw.get("chat", chat),
                                           "limit": kw.get("limit", limit)}))  # a snapshot: kw changes below
+        if task.startswith("factoid"):
+            settings["protocol"] = FACTOID_PROTOCOL
         hit = store.get(name, cfg_name, settings)
         if hit is not None:
             return hit
