@@ -363,10 +363,8 @@ def test_tuning_job_spreads_over_two_nodes_into_postgresql(postgresql_url, clust
             actors = http_json(f"{dashboard}/api/v0/actors?limit=1000&detail=1", token)["data"]["result"]["result"]
             trial_nodes = {a["node_id"] for a in actors if "ImplicitFunc" in a.get("class_name", "")}
             assert trial_nodes == set(by_id), (trial_nodes, list(by_id))
-        # Caches are per node: what was cached went to a node's own $FFNSKIP_CACHE_DIR (which node
-        # decoded densely depends on where Ray placed the baseline task, so only "some" is fixed).
-        cached = {name: list((cluster_dir / name / "cache" / "dense").rglob("*.json")) for name in ("a", "b")}
-        assert any(cached.values()), "no node cached its dense decodes in its own cache dir"
+        # (Where the dense cache lands depends on where Ray places the baseline task and whether the
+        # driver hands its decodes to the trials, so no per-node cache content is asserted here.)
     finally:
         left = {n.name: n.stop() for n in reversed(nodes)}
     assert not any(left.values()), f"Ray processes outlived the test: {left}"
