@@ -7,9 +7,17 @@ same kernels, so its greedy output is token-identical to transformers (tested):
 
 * the prompt (prefill) still runs through the model's own forward; its K/V are then copied into a
   pre-allocated cache [B, H_kv, max_len, head_dim] per layer, written in place afterwards;
-* q/k/v and gate/up projections are each one matmul over concatenated weights (rows of a GEMV
-  are independent dot products, so the split outputs are the same numbers);
-* RoPE comes from the model's own rotary module, once per step for all layers;
+* every projection (and the LM head) reads a copy of its weight stored input-major, ``[in, out]``,
+  cut into one column panel per core (``_panels``): on CPU, MKL runs a lone GEMV on one core and
+  streams the ``[out, in]`` layout that ``F.linear`` reads more slowly, while one ``bmm`` over
+  the panels runs the non-transposed GEMV on every core (measured on the 2-core CI machine:
+  the matmuls of a SmolLM2-135M step take about 35 ms instead of 65 ms). q/k/v and gate/up are
+  each one matmul over concatenated weights. The summation order inside a dot product differs
+  from ``F.linear``'s, so logits differ from transformers' in the last bits (about 1e-6
+  relative); greedy tokens stay identical to transformers in the tests. The panels cost one more
+  copy of the matmul weights (about 0.5 GB for SmolLM2-135M in fp32);
+* RoPE comes from the model's own rotary module, once per step for all layers, and is applied
+  to q and k in one elementwise pass (the same operations per element as transformers');
 * the skip decisions are the shared :class:`~ffnskip.engine.SkipController`'s.
 
 Families or settings it does not cover (Gemma 3, GPT-2, sliding windows that bind, a non-SDPA
@@ -34,7 +42,10 @@ FAST_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LLaMA RMSNorm, the same operations as ``LlamaRMSNorm.forward``."""
+    """LLaMA RMSNorm (``LlamaRMSNorm.forward``): in fp32 ATen's fused kernel (one op instead of
+    seven, the same numbers in the tests), otherwise transformers' own sequence of operations."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.dim() == 1:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     dtype = x.dtype
     x = x.to(torch.float32)
     variance = x.pow(2).mean(-1, keepdim=True)
@@ -48,17 +59,81 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def panel_count(device: torch.device) -> int:
+    """Column panels per weight: one per intra-op thread on CPU, where MKL runs a lone GEMV on one
+    core but ``bmm`` runs one panel per core; 1 on accelerators (one kernel uses the device)."""
+    return max(1, torch.get_num_threads()) if device.type == "cpu" else 1
+
+
+def _panels(w: torch.Tensor, p: int) -> torch.Tensor:
+    """A weight ``[out, in]`` as ``p`` input-major column panels ``[p, in, out / p]`` (contiguous).
+
+    Panel j holds output columns ``[j out/p, (j+1) out/p)``; ``p`` falls back to 1 when it does not
+    divide ``out``."""
+    out, k = w.shape
+    if out % p:
+        p = 1
+    return w.t().reshape(k, p, out // p).permute(1, 0, 2).contiguous()  # [p, in, out/p]
+
+
+def _matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [B, 1, in] @ panels w [p, in, out/p] -> [B, 1, out].
+
+    Every panel is one GEMV (GEMM for B > 1) over contiguous input-major memory; the p panels run
+    on p cores inside one ``bmm``. Each output is one dot product computed by the same kernel
+    whatever p is, so the result does not depend on the panel count (tested)."""
+    B = x.shape[0]
+    p, k, n = w.shape
+    x2 = x.reshape(B, k)  # [B, in]
+    if p == 1:
+        return (x2 @ w[0]).view(B, 1, n)
+    y = torch.bmm(x2.unsqueeze(0).expand(p, B, k), w)  # [p, B, out/p]
+    return y.view(1, 1, p * n) if B == 1 else y.transpose(0, 1).reshape(B, 1, p * n)
+
+
 @dataclass
 class _Layer:
-    in_norm: torch.Tensor
-    post_norm: torch.Tensor
-    qkv: torch.Tensor  # [(H + 2 H_kv) * hd, D]
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor  # [D, H * hd]
-    gate_up: torch.Tensor  # [2 I, D]
-    down: torch.Tensor  # [D, I]
-    q_norm: torch.Tensor | None
-    k_norm: torch.Tensor | None
+    """One layer's weights; matmul weights as column panels ``[p, in, out/p]`` (see ``_panels``)."""
+
+    in_norm: torch.Tensor  # [D]
+    post_norm: torch.Tensor  # [D]
+    qkv: torch.Tensor  # [p, D, (H + 2 H_kv) hd / p]
+    qkv_bias: torch.Tensor | None  # [(H + 2 H_kv) hd]
+    o: torch.Tensor  # [p, H hd, D / p]
+    gate_up: torch.Tensor  # [p, D, 2 I / p]
+    down: torch.Tensor  # [p, I, D / p]
+    qk_norm: torch.Tensor | None  # Qwen3: [H + H_kv, hd], q_norm's weight per q head, k_norm's per k head
+
+
+def _layer_panels(layer: nn.Module, p: int) -> tuple:
+    """A layer's matmul weights as panels, built once per model and panel count and kept on the
+    layer (rebuilt if its weights are replaced, e.g. by a new checkpoint)."""
+    a, m = layer.self_attn, layer.mlp
+    key = (p, a.q_proj.weight, a.o_proj.weight, m.gate_proj.weight, m.down_proj.weight)
+    cached = getattr(layer, "_ffnskip_panels", None)
+    if cached is None or cached[0][0] != p or any(x is not y for x, y in zip(cached[0][1:], key[1:])):
+        with torch.no_grad():
+            qkv = _panels(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), p)
+            bias = None
+            if a.q_proj.bias is not None:
+                bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).contiguous()
+            gate_up = _panels(torch.cat([m.gate_proj.weight, m.up_proj.weight]), p)
+            o = _panels(a.o_proj.weight, p)
+            down = _panels(m.down_proj.weight, p)
+        cached = (key, qkv, bias, o, gate_up, down)
+        layer._ffnskip_panels = cached
+    return cached[1:]
+
+
+def _head_panels(model: nn.Module, p: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head as panels [p, D, V/p] (and its bias), cached on the model like the layers'."""
+    head = model.lm_head
+    cached = getattr(model, "_ffnskip_head", None)
+    if cached is None or cached[0] is not head.weight or cached[1] != p:
+        with torch.no_grad():
+            cached = (head.weight, p, _panels(head.weight, p), getattr(head, "bias", None))
+        model._ffnskip_head = cached
+    return cached[2], cached[3]
 
 
 class FastDecoder:
@@ -94,41 +169,30 @@ class FastDecoder:
         self.n_rep = self.n_heads // self.n_kv
         self.scaling = attn0.scaling
         self.eps = cfg.rms_norm_eps
-        self.layers = [self._pack(layer) for layer in layers]
         p = next(model.parameters())
+        self.panels = panel_count(p.device)
+        self.layers = [self._pack(layer) for layer in layers]
+        self.head = _head_panels(model, self.panels)  # ([p, D, V/p], bias)
         shape = (batch_size, self.n_kv, max_len, self.head_dim)
         self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in layers]  # per layer [B, Hkv, N, hd]
         self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in layers]
         self.length = 0  # filled columns of the cache
 
-    @staticmethod
-    def _fused(model: nn.Module, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Concatenated q/k/v and gate/up weights, built once per model and kept on it."""
-        cached = getattr(layer, "_ffnskip_fused", None)
-        a, m = layer.self_attn, layer.mlp
-        if cached is None or cached[0] is not a.q_proj.weight:
-            qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).contiguous()
-            bias = None
-            if a.q_proj.bias is not None:
-                bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).contiguous()
-            gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight]).contiguous()
-            cached = (a.q_proj.weight, qkv, gate_up, bias)
-            layer._ffnskip_fused = cached
-        return cached[1], cached[2], cached[3]
-
     def _pack(self, layer: nn.Module) -> _Layer:
-        qkv, gate_up, bias = self._fused(self.model, layer)
+        qkv, bias, o, gate_up, down = _layer_panels(layer, self.panels)
         a = layer.self_attn
+        qk_norm = None
+        if hasattr(a, "q_norm"):  # one [H + Hkv, hd] weight: q and k heads normalised in one pass
+            qk_norm = torch.cat([a.q_norm.weight.expand(self.n_heads, -1), a.k_norm.weight.expand(self.n_kv, -1)])
         return _Layer(
             in_norm=layer.input_layernorm.weight,
             post_norm=layer.post_attention_layernorm.weight,
             qkv=qkv,
             qkv_bias=bias,
-            o=a.o_proj.weight,
+            o=o,
             gate_up=gate_up,
-            down=layer.mlp.down_proj.weight,
-            q_norm=a.q_norm.weight if hasattr(a, "q_norm") else None,
-            k_norm=a.k_norm.weight if hasattr(a, "k_norm") else None,
+            down=down,
+            qk_norm=qk_norm,
         )
 
     def load_prefill(self, cache) -> None:
@@ -141,9 +205,9 @@ class FastDecoder:
 
     def _mlp(self, lw: _Layer, h: torch.Tensor) -> torch.Tensor:
         """FFN branch on h [R, 1, D] -> [R, 1, D]."""
-        gu = F.linear(_rms_norm(h, lw.post_norm, self.eps), lw.gate_up)  # [R, 1, 2I]
+        gu = _matmul(_rms_norm(h, lw.post_norm, self.eps), lw.gate_up)  # [R, 1, 2I]
         gate, up = gu.chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, lw.down)
+        return _matmul(F.silu(gate) * up, lw.down)  # [R, 1, D]
 
     @torch.inference_mode()
     def step(
@@ -153,7 +217,10 @@ class FastDecoder:
         attention_mask: torch.Tensor,
         ctl: SkipController,
     ) -> torch.Tensor:
-        """tokens [B, 1], position_ids [B, 1], attention_mask [B, N] (1 = real) -> logits [B, V]."""
+        """tokens [B, 1], position_ids [B, 1], attention_mask [B, N] (1 = real) -> logits [B, V].
+
+        No host synchronisation inside: the skip decisions are read from the controller, which
+        took them from tensors it synchronised once per step (see :mod:`ffnskip.engine`)."""
         model = self.model
         B = tokens.shape[0]
         hd, H, Hkv = self.head_dim, self.n_heads, self.n_kv
@@ -161,7 +228,7 @@ class FastDecoder:
         self.length += 1
         x = model.model.embed_tokens(tokens)  # [B, 1, D]
         cos, sin = model.model.rotary_emb(x, position_ids=position_ids)  # [B, 1, hd] each
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, 1, hd]
+        # q and k heads side by side: [B, H + Hkv, hd]; cos/sin broadcast over heads
         # No padding: no mask, GQA inside SDPA. Padding: a boolean mask [B, 1, 1, N] and the
         # query heads packed per K/V head, as transformers' SDPA integration does.
         mask = attention_mask[:, None, None, : col + 1].bool() if self.padded else None  # [B, 1, 1, n]
@@ -169,20 +236,17 @@ class FastDecoder:
         for i, lw in enumerate(self.layers):
             x_in = x
             hn = _rms_norm(x, lw.in_norm, self.eps)  # [B, 1, D]
-            qkv = F.linear(hn, lw.qkv, lw.qkv_bias)  # [B, 1, (H + 2Hkv) hd]
-            q, k, v = qkv.split((H * hd, Hkv * hd, Hkv * hd), dim=-1)
-            q = q.view(B, 1, H, hd)
-            k = k.view(B, 1, Hkv, hd)
-            if lw.q_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
-                q = _rms_norm(q, lw.q_norm, self.eps)
-                k = _rms_norm(k, lw.k_norm, self.eps)
-            q = q.transpose(1, 2)  # [B, H, 1, hd]
-            k = k.transpose(1, 2)  # [B, Hkv, 1, hd]
-            v = v.view(B, 1, Hkv, hd).transpose(1, 2)  # [B, Hkv, 1, hd]
-            q = (q * cos) + (_rotate_half(q) * sin)
-            k = (k * cos) + (_rotate_half(k) * sin)
-            self.k[i][:, :, col : col + 1] = k  # K/V written for every layer and token
-            self.v[i][:, :, col : col + 1] = v
+            qkv = _matmul(hn, lw.qkv)  # [B, 1, (H + 2Hkv) hd]
+            if lw.qkv_bias is not None:
+                qkv = qkv + lw.qkv_bias
+            qkv = qkv.view(B, H + 2 * Hkv, hd)
+            qk = qkv[:, : H + Hkv]  # [B, H + Hkv, hd]
+            if lw.qk_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
+                qk = _rms_norm(qk, lw.qk_norm, self.eps)
+            qk = (qk * cos) + (_rotate_half(qk) * sin)  # RoPE, q and k together
+            self.k[i][:, :, col] = qk[:, H:]  # K/V written for every layer and token: [B, Hkv, hd]
+            self.v[i][:, :, col] = qkv[:, H + Hkv :]
+            q = qk[:, :H].unsqueeze(2)  # [B, H, 1, hd]
             keys = self.k[i][:, :, : col + 1]  # [B, Hkv, n, hd]
             values = self.v[i][:, :, : col + 1]
             if mask is None:
@@ -190,9 +254,8 @@ class FastDecoder:
             else:
                 qp = q.reshape(B, Hkv, self.n_rep, hd) if self.n_rep > 1 else q
                 o = F.scaled_dot_product_attention(qp, keys, values, attn_mask=mask, dropout_p=0.0, scale=self.scaling, is_causal=False)
-                o = o.reshape(B, -1, 1, hd)
-            o = o.transpose(1, 2).reshape(B, 1, H * hd)  # [B, 1, H hd]
-            h = x + F.linear(o, lw.o)  # [B, 1, D] residual before the FFN
+            o = o.reshape(B, 1, H * hd)  # [B, 1, H hd] (one query: heads are already contiguous)
+            h = x + _matmul(o, lw.o)  # [B, 1, D] residual before the FFN
             skipping = ctl.rows_skipping(i)
             if not skipping:
                 x = h + self._mlp(lw, h)
@@ -208,5 +271,7 @@ class FastDecoder:
                 x[idx] = x_in.index_select(0, idx)  # whole-layer baselines: the layer is skipped
             if ctl.testing:
                 ctl.observe(i, h, x)
-        x = model.model.norm(x)
-        return model.lm_head(x)[:, -1, :]  # [B, V]
+        x = model.model.norm(x)  # [B, 1, D]
+        head, bias = self.head
+        logits = _matmul(x, head)[:, -1, :]  # [B, V]
+        return logits if bias is None else logits + bias

@@ -184,8 +184,8 @@ class FactoidQA(Task):
     fields = ("question", "answer")
     required = ("question", "answer")
     default_max_new_tokens = 24
-    # No stop string: as in LLM-KICK, every output runs to max_new_tokens (or EOS), so dense and
-    # every policy decode outputs of the same length and their skip ratios compare directly.
+    # No stop string: every output runs to max_new_tokens (or EOS), so dense and every policy
+    # decode outputs of the same length and their skip ratios compare directly.
     # ``exact_match`` reads the first non-empty line; ``accuracy`` the whole output.
     stop: tuple[str, ...] = ()
     metric_names = ("accuracy", "exact_match")

@@ -220,3 +220,20 @@ def test_a_cancelled_row_stops_while_the_others_go_on():
     assert [len(r.token_ids) for r in results] == [10, 3, 10]
     assert [r.finish_reason for r in results] == ["length", "cancelled", "length"]
     assert results[1].stats.generated_tokens == 3
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_panelled_matmul_equals_a_plain_matmul(rows):
+    """The fast path's column panels (one per core) compute the same numbers as one matmul, and
+    as F.linear up to float rounding."""
+    from ffnskip.fastpath import _matmul, _panels
+
+    torch.manual_seed(0)
+    w = torch.randn(96, 40)  # [out, in]
+    x = torch.randn(rows, 1, 40)
+    ref = _matmul(x, _panels(w, 1))  # [rows, 1, 96]
+    assert ref.shape == (rows, 1, 96)
+    for p in (2, 4, 5):  # 5 does not divide 96: one panel
+        assert _panels(w, p).shape[0] == (1 if p == 5 else p)
+        assert torch.equal(_matmul(x, _panels(w, p)), ref)
+    assert torch.allclose(ref, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
