@@ -67,8 +67,9 @@ def register(sub) -> None:
     p.add_argument("--output", metavar="FILE", default=None, help="also write the JSON object to FILE")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=positive_int("--threads"), default=None,
-                   help="torch CPU threads (default on CPU: 1; batch-1 decoding of a small model gains little from "
-                   "more, and loses several times over when other processes share the cores)")
+                   help="torch CPU threads (default: torch's choice, one per core; the fast decode path runs one "
+                   "GEMV per core. Use 1 when other processes share the cores: oversubscribed threads lose "
+                   "several times over)")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -127,10 +128,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise CLIError(f"--output: directory {out_dir} does not exist")
     import torch
 
-    from .models import resolve_device
-
-    if args.threads or resolve_device(args.device) == "cpu":
-        torch.set_num_threads(args.threads or 1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model, tokenizer = load_model_cli(args)
     cache = DenseCache(None) if args.no_cache else default_dense_cache()
