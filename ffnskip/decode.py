@@ -181,7 +181,7 @@ def decode_one_token(model, tokens, attention_mask, position_ids, cache, ctl: Sk
     """One decode step: tokens [B, 1] -> next-token logits [B, V]; K/V of every layer appended.
 
     ``cache`` is a transformers cache (the model's own forward runs, with the controller's hooks
-    attached) or a :class:`~ffnskip.fastpath.FastDecoder` (the lean step, same arithmetic).
+    attached) or a :class:`~ffnskip.fastpath.FastDecoder` (the lean step, the same arithmetic up to float rounding).
     """
     if isinstance(cache, FastDecoder):
         return cache.step(tokens, position_ids, attention_mask, ctl)

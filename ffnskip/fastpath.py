@@ -2,8 +2,9 @@
 
 The model's own forward pass spends most of a small model's decode step in Python: per-layer
 keyword plumbing, cache bookkeeping, mask construction, output objects. For one token per row
-this path does the same arithmetic with the model's own weights, in the same order and with the
-same kernels, so its greedy output is token-identical to transformers (tested):
+this path does the same arithmetic with the model's own weights in the same order; only the
+matmuls read their weights in a faster layout (below), so logits agree with transformers' to
+float rounding and greedy output is token-identical to transformers in the tests:
 
 * the prompt (prefill) still runs through the model's own forward; its K/V are then copied into a
   pre-allocated cache [B, H_kv, max_len, head_dim] per layer, written in place afterwards;
