@@ -306,7 +306,15 @@ def generate(
         t = 0
         while True:
             next_tokens = sample(logits, params, generator)  # [B]
-            tokens_host = next_tokens.tolist()  # HOST SYNC: 1 per step (EOS, stop strings, text)
+            cosines = ctl.pending_cosines()  # lagged adaptive only: [B, M] on the device, else None
+            if cosines is None:
+                tokens_host = next_tokens.tolist()  # HOST SYNC: 1 per step (EOS, stop strings, text)
+            else:
+                # HOST SYNC: still 1 per step, the tokens and the step's cosines in one transfer
+                # (float64 holds every token id exactly).
+                packed = torch.cat([next_tokens[:, None].double(), cosines.double()], dim=1).tolist()  # [B][1 + M]
+                tokens_host = [int(row[0]) for row in packed]
+                ctl.accept_cosines([row[1:] for row in packed])
             ctl.end_step(active, syncs=1)
             for r in range(B):
                 if not active[r]:

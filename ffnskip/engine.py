@@ -18,7 +18,11 @@ its K/V is still written, from the un-refined residual.)
 Host-device synchronisations (each is counted in the per-sequence stats):
 * one per decode step in :mod:`ffnskip.decode` to read the sampled tokens;
 * in ``adaptive`` mode one per tested layer (reading the cosine of the rows still holding a
-  budget), only while some row of the batch holds a budget.
+  budget), only while some row of the batch holds a budget;
+* in ``adaptive`` mode with ``lagged``: none of its own. The step records the cosines of the
+  band's layers on the device; the decode loop reads them with the sampled tokens in its one
+  read per step (``pending_cosines`` / ``accept_cosines``), and the next token's skip run is
+  chosen from them before its pass begins.
 """
 
 from __future__ import annotations
@@ -161,6 +165,12 @@ class SkipController:
         self._h: torch.Tensor | None = None
         self._prefill = True
         self._step_syncs = 0
+        # adaptive + lagged: this step's cosines per tested layer (device tensors [B]) and, per
+        # row, the previous step's as host floats (nan where the layer's FFN did not run).
+        self._lagged = policy.mode == "adaptive" and policy.lagged
+        self._recording = False
+        self._cos_dev: dict[int, torch.Tensor] = {}
+        self._cos_prev: list[list[float] | None] = [None] * self.batch_size
 
     # ------------------------------------------------------------------ schedule
     def begin_prefill(self) -> None:
@@ -170,6 +180,7 @@ class SkipController:
         """
         self._prefill = True
         self._testing = False
+        self._recording = False
         self._any_skip = False
         if self.resolved.mode == "shortgpt":
             for r in range(self.batch_size):
@@ -203,6 +214,9 @@ class SkipController:
             if mode == "adaptive":
                 if res.policy.threshold > 1.0 + 1e-6:
                     continue  # cos <= 1 (up to rounding): the test can never fire, so don't run it
+                if self._lagged:
+                    any_skip |= self._start_lagged_run(r, k)
+                    continue
                 self._budget[r] = k
                 testing = True
             elif mode == "static":
@@ -224,6 +238,57 @@ class SkipController:
         self._any_skip = any_skip
         self._testing = testing
         self._step_syncs = 0
+        self._cos_dev = {}
+        # lagged: every step records its cosines (the warm-up's too: they seed the first run)
+        self._recording = (
+            self._lagged and res.policy.threshold <= 1.0 + 1e-6 and not all(self.finished)
+        )
+
+    def _start_lagged_run(self, r: int, k: int) -> bool:
+        """lagged: row ``r``'s run of ``k`` skips starts after the first tested layer whose cosine
+        was above the threshold in the previous step (none measured yet: no run)."""
+        prev = self._cos_prev[r]
+        if prev is None:
+            return False
+        res = self.resolved
+        tau = res.policy.threshold
+        for j in range(max(0, res.start - 1), res.end - 1):  # tests after layer j start runs at j + 1
+            if prev[j] > tau:  # nan (not measured) never fires
+                last = min(j + k, res.end - 1)  # never into the cold end
+                for i in range(j + 1, last + 1):
+                    self._skip[r][i] = True
+                self.stats[r].trigger_layers[j] += 1
+                return True
+        return False
+
+    def pending_cosines(self) -> torch.Tensor | None:
+        """lagged: this step's recorded cosines, [B, M] on the device (M tested layers), for the
+        decode loop to read together with the sampled tokens; None when nothing was recorded."""
+        if not self._cos_dev:
+            return None
+        return torch.stack([self._cos_dev[j] for j in sorted(self._cos_dev)], dim=1)  # [B, M]
+
+    def accept_cosines(self, rows: Sequence[Sequence[float]]) -> None:
+        """lagged: the host copy of :meth:`pending_cosines` ([B][M] floats), kept per row for the
+        next step's decision. A layer whose FFN a row skipped in this step reads as nan."""
+        layers = sorted(self._cos_dev)
+        nan = float("nan")
+        for r, values in enumerate(rows):
+            prev = [nan] * self.num_layers
+            skip = self._skip[r]
+            for j, c in zip(layers, values):
+                if not skip[j]:
+                    prev[j] = float(c)
+            self._cos_prev[r] = prev
+        self._cos_dev = {}
+
+    def collect_cosines(self) -> None:
+        """lagged, outside the decode loop (teacher forcing): read this step's cosines on their
+        own (one host synchronisation, counted)."""
+        pending = self.pending_cosines()
+        if pending is not None:
+            self.accept_cosines(pending.tolist())  # HOST SYNC (1 per step, lagged only)
+            self._step_syncs += 1
 
     def end_step(self, produced: Sequence[bool], syncs: int = 0) -> None:
         """After a pass: count the step for rows that produced a token (``produced[r]``)."""
@@ -247,8 +312,9 @@ class SkipController:
     # Shared by the hooks below (model's own forward) and ffnskip.fastpath (lean decode step).
     @property
     def testing(self) -> bool:
-        """Some row still holds a skip budget in this pass (the adaptive test must run)."""
-        return self._testing
+        """Some row still holds a skip budget in this pass (the adaptive test must run), or the
+        lagged rule records this pass's cosines: the paths call :meth:`observe` after each layer."""
+        return self._testing or self._recording
 
     def rows_skipping(self, layer: int) -> list[int]:
         """Rows whose FFN (or whole layer, for the whole-layer baselines) is skipped at ``layer``."""
@@ -259,7 +325,13 @@ class SkipController:
     def observe(self, layer: int, h: torch.Tensor, x: torch.Tensor) -> None:
         """The adaptive test after ``layer``: h, x [B, T, D] = residual before / after its FFN."""
         res = self.resolved
-        if not self._testing or not (res.start <= layer + 1 < res.end):
+        if not (res.start <= layer + 1 < res.end):
+            return
+        if self._recording:  # lagged: record on the device, decide at the next step
+            cos = F.cosine_similarity(h[:, -1].float(), x[:, -1].float(), dim=-1)  # [B]
+            self._cos_dev[layer] = cos
+            return
+        if not self._testing:
             return
         rows = [r for r in range(self.batch_size) if self._budget[r] > 0]
         if not rows:
@@ -305,12 +377,12 @@ class SkipController:
         return forward
 
     def _pre_ffn_norm_hook(self, module, args):
-        if self._testing:
+        if self.testing:
             self._h = args[0]  # [B, T, D] residual before the FFN
 
     def _make_layer_hook(self, layer: int):
         def hook(module, args, output):
-            if self._testing:
+            if self.testing:
                 self.observe(layer, self._h, output[0] if isinstance(output, tuple) else output)
             return None
 

@@ -314,6 +314,7 @@ def score_continuation(
             arg.append(logp.argmax())
             if tgt is not None:
                 tnll.append(-logp[tgt[t]])
+            ctl.collect_cosines()  # lagged adaptive only (1 counted read per step); else a no-op
             ctl.end_step([True])
     out_nll = torch.stack(nll).tolist()  # HOST SYNC: once per continuation
     out_arg = torch.stack(arg).tolist()

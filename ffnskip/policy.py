@@ -71,6 +71,13 @@ class SkipPolicy:
     seed: int = 0
     """Seed of the ``random`` baseline's layer choice (per sequence, reproducible)."""
 
+    lagged: bool = False
+    """``adaptive`` only: decide each token's skip run from the cosines the *previous* token
+    measured (the run starts after the first band layer whose cosine was above ``threshold``),
+    read together with the sampled token. One host synchronisation per generated token whatever
+    the threshold, for accelerators where each read stalls the device; the default (False) tests
+    layer by layer within the token, as the paper does (one read per tested layer)."""
+
     layers: list[int] | None = None
     """``shortgpt`` only: the whole layers removed (the lowest block influence, measured by the
     profile; see ``ffnskip.baselines.shortgpt_policy``). Negative indices count from the end."""
@@ -93,6 +100,10 @@ class SkipPolicy:
                 raise PolicyError(name, f"must be an integer; got {value!r}")
             if value < 0:
                 raise PolicyError(name, f"must be >= 0; got {value}")
+        if not isinstance(self.lagged, bool):
+            raise PolicyError("lagged", f"must be true or false; got {self.lagged!r}")
+        if self.lagged and self.mode != "adaptive":
+            raise PolicyError("lagged", f"applies to mode 'adaptive' only; got mode {self.mode!r}")
         if self.layers is not None:
             if not isinstance(self.layers, (list, tuple)) or not all(_is_int(v) for v in self.layers):
                 raise PolicyError("layers", f"must be a list of integers or null; got {self.layers!r}")

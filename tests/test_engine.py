@@ -237,3 +237,56 @@ def test_panelled_matmul_equals_a_plain_matmul(rows):
         assert _panels(w, p).shape[0] == (1 if p == 5 else p)
         assert torch.equal(_matmul(x, _panels(w, p)), ref)
     assert torch.allclose(ref, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_lagged_adaptive_reads_the_device_once_per_token(fast):
+    """lagged: the cosines travel with the sampled token, so a realistic threshold costs no
+    extra host synchronisation, and the fast path and the model's forward decide alike."""
+    model = tiny_model("llama")
+    kw = dict(threshold=0.3, layer_start=2, layer_end=7, warmup_tokens=2, skip_budget=3, dense_every=0)
+    lagged = run(model, PROMPTS, SkipPolicy(lagged=True, **kw), n=14, fast=fast)
+    eager = run(model, PROMPTS, SkipPolicy(**kw), n=14, fast=fast)
+    assert sum(r.stats.skipped_ffn for r in lagged) > 0
+    for r in lagged:
+        assert r.stats.host_syncs == r.stats.generated_tokens  # exactly 1 per token
+    assert sum(r.stats.host_syncs for r in eager) > sum(r.stats.generated_tokens for r in eager)
+    other = run(model, PROMPTS, SkipPolicy(lagged=True, **kw), n=14, fast=not fast)
+    for x, y in zip(lagged, other):
+        assert x.token_ids == y.token_ids
+        assert x.stats.skipped_per_layer == y.stats.skipped_per_layer
+
+
+def test_lagged_with_an_always_firing_threshold_matches_the_eager_rule():
+    """threshold -1 fires at the first tested layer whatever the cosines: decided from the previous
+    token (warm-up gives it one) or within the token, the runs are the same."""
+    model = tiny_model("qwen3")
+    kw = dict(threshold=-1, layer_start=2, layer_end=7, warmup_tokens=2, skip_budget=3, dense_every=4)
+    a = run(model, PROMPTS, SkipPolicy(lagged=True, **kw), n=12)
+    b = run(model, PROMPTS, SkipPolicy(**kw), n=12)
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids
+        assert x.stats.skipped_per_layer == y.stats.skipped_per_layer
+        assert x.stats.trigger_layers == y.stats.trigger_layers
+        assert sum(x.stats.skipped_per_layer) > 0
+
+
+def test_lagged_run_starts_after_the_first_layer_above_threshold_one_token_earlier():
+    """The rule itself, on recorded numbers: the run of token t starts after the first tested
+    layer whose cosine at token t - 1 was above the threshold (nan = FFN not run, never fires)."""
+    from ffnskip.engine import SkipController
+
+    model = tiny_model("llama")
+    pol = SkipPolicy(lagged=True, threshold=0.5, layer_start=2, layer_end=7, warmup_tokens=0, skip_budget=2, dense_every=0)
+    ctl = SkipController(model, pol, [PROMPTS[0], PROMPTS[1]], max_new_tokens=4)
+    ctl.begin_step([1, 1])
+    assert not any(any(s) for s in ctl._skip)  # nothing measured yet: no run
+    nan = float("nan")
+    # tested layers 1..5 (runs start at 2..6); row 0 fires at layer 3, row 1 only at a nan
+    ctl._cos_dev = {j: torch.zeros(2) for j in range(1, 6)}
+    ctl.accept_cosines([[0.1, 0.4, 0.9, 0.95, 0.2], [0.1, 0.2, 0.3, 0.4, 0.45]])
+    ctl._cos_prev[1][2] = nan
+    ctl.begin_step([2, 2])
+    assert [i for i, s in enumerate(ctl._skip[0]) if s] == [4, 5]
+    assert ctl.stats[0].trigger_layers[3] == 1
+    assert not any(ctl._skip[1])

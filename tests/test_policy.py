@@ -38,6 +38,8 @@ def test_negative_indices_count_from_end():
         ({"layer_start": 10, "layer_end": 4}, "layer_end"),
         ({"mode": "shortgpt"}, "layers"),
         ({"layers": [3, 3], "mode": "shortgpt"}, "layers"),
+        ({"lagged": "yes"}, "lagged"),
+        ({"lagged": True, "mode": "random"}, "lagged"),
     ],
 )
 def test_validation_names_the_field(kwargs, field):
