@@ -212,8 +212,8 @@ def render(results: dict, args, command: str) -> str:
       "model with a chat template (SmolLM2-Instruct) the prompt is sent as the user turn of its chat "
       "template (`--chat`), because with the raw prompt SmolLM2 answers with list numbers (\"1.\", "
       "\"2004.\") on almost every question; Gemma 3 270M is a base model without a template and gets the "
-      "raw prompt. Greedy, 24 new tokens (no stop string; EOS ends an output early), so the "
-      "outputs of dense and of every policy have the same length and their skip ratios compare directly.")
+      "raw prompt. Greedy, at most 24 new tokens: no stop string, so an output runs to 24 tokens unless "
+      "the model emits EOS (then it is shorter, and the dense warm-up tokens weigh more in its skip ratio).")
     w("- **accuracy**: a gold answer, lowercased with whitespace removed, is a substring of the lowercased, "
       "whitespace-free *generated* text (not prompt + output). **answer agreement**: the policy's output "
       "equals the dense output after SQuAD normalisation. **repetition**: share of repeated word 4-grams "
