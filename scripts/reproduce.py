@@ -200,7 +200,7 @@ def render(results: dict, args, command: str) -> str:
     w("```\n" + command + "\n```\n")
     w(f"- Run finished {results.get('finished', '-')}; machine: {platform.machine()} CPU, "
       f"{args.threads} torch thread(s), no GPU; torch {torch.__version__}, transformers {transformers.__version__}, "
-      f"ffnskip at git `{git_commit()}` (plus the working tree of that day).")
+      f"ffnskip at git `{results.get('git') or git_commit()}` (plus the working tree of that day).")
     w("- Decoding: greedy, batch 1, float32, the project's one decode path (`ffnskip.decode.generate`), "
       "the same path for dense and every policy.")
     w("- The paper (method.md §6) evaluates LLaMA-2-7B with a GPT-4 judge; these are 135M / 270M models "
@@ -435,6 +435,7 @@ def main(argv=None) -> int:
     results = json.loads(results_path.read_text()) if (args.render and results_path.is_file()) else {"models": {}}
 
     if not args.render:
+        results["git"] = git_commit()  # the code this run measures (not the HEAD of a later --render)
         for name in args.models:
             limit = int(per_model_limit.get(name, args.limit))
             log(f"== {name} (limit {limit})")
