@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from importlib.metadata import entry_points
-from typing import Callable
+from typing import Any, Callable
 
 log = logging.getLogger("ffnskip")
 
@@ -50,17 +50,31 @@ def policy_from_args(args: argparse.Namespace):
     return SkipPolicy()
 
 
-def positive_int(flag: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
+def _bounded(flag: str, cast: Callable[[str], Any], what: str, ok: Callable[[Any], bool], bound: str):
+    """An argparse ``type=``: ``cast`` the text, and reject it unless ``ok``, naming ``flag``."""
+
+    def parse(text: str):
         try:
-            v = int(text)
+            v = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer; got {text!r}") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"{flag} must be positive; got {v}")
+            raise argparse.ArgumentTypeError(f"{flag} must be {what}; got {text!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{flag} must be {bound}; got {text.strip()}")
         return v
 
     return parse
+
+
+def positive_int(flag: str) -> Callable[[str], int]:
+    return _bounded(flag, int, "an integer", lambda v: v > 0, "positive")
+
+
+def nonneg_int(flag: str) -> Callable[[str], int]:
+    return _bounded(flag, int, "an integer", lambda v: v >= 0, ">= 0")
+
+
+def nonneg_float(flag: str) -> Callable[[str], float]:
+    return _bounded(flag, float, "a number", lambda v: v >= 0, ">= 0")  # nan fails: nan >= 0 is False
 
 
 def load_model_cli(args: argparse.Namespace):
@@ -299,15 +313,21 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    return run_entry_point(f"ffnskip {args.command}", args.func, args)
+
+
+def run_entry_point(label: str, func: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
+    """Run a command of an entry point (``ffnskip``, ``python -m tuning``): logging per ``--verbose``,
+    a user's error as one line ``<label>: error: ...`` and exit status 2, Ctrl-C as 130."""
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return int(args.func(args) or 0)
+        return int(func(args) or 0)
     except user_errors() as exc:
-        print(f"ffnskip {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{label}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -167,7 +167,8 @@ class SkipController:
         self._step_syncs = 0
         # adaptive + lagged: this step's cosines per tested layer (device tensors [B]) and, per
         # row, the previous step's as host floats (nan where the layer's FFN did not run).
-        self._lagged = policy.mode == "adaptive" and policy.lagged
+        # (a threshold above 1 never fires: nothing to record)
+        self._lagged = policy.mode == "adaptive" and policy.lagged and policy.threshold <= 1.0 + 1e-6
         self._recording = False
         self._cos_dev: dict[int, torch.Tensor] = {}
         self._cos_prev: list[list[float] | None] = [None] * self.batch_size
@@ -240,9 +241,7 @@ class SkipController:
         self._step_syncs = 0
         self._cos_dev = {}
         # lagged: every step records its cosines (the warm-up's too: they seed the first run)
-        self._recording = (
-            self._lagged and res.policy.threshold <= 1.0 + 1e-6 and not all(self.finished)
-        )
+        self._recording = self._lagged and not all(self.finished)
 
     def _start_lagged_run(self, r: int, k: int) -> bool:
         """lagged: row ``r``'s run of ``k`` skips starts after the first tested layer whose cosine

@@ -12,20 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli import CLIError, add_model_arg, load_model_cli, positive_int
-
-
-def _nonneg_int(flag: str):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer; got {text!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{flag} must be >= 0; got {v}")
-        return v
-
-    return parse
+from .cli import CLIError, add_model_arg, load_model_cli, nonneg_int, positive_int
 
 
 def register(sub) -> None:
@@ -44,7 +31,7 @@ def register(sub) -> None:
     g.add_argument("--policy-json", metavar="JSON", help='skip policy as inline JSON, e.g. \'{"mode": "random"}\'')
     p.add_argument("--limit", type=positive_int("--limit"), default=None,
                    help="evaluate a deterministic subset of N samples (perplexity: N tokens)")
-    p.add_argument("--seed", type=_nonneg_int("--seed"), default=0, help="seed of the --limit subset (default 0)")
+    p.add_argument("--seed", type=nonneg_int("--seed"), default=0, help="seed of the --limit subset (default 0)")
     p.add_argument("--data", metavar="FILE", default=None,
                    help="your own data: JSONL, JSON array or CSV with fields question and answer (factoid_qa)")
     p.add_argument("--field", metavar="NAME=COLUMN", action="append", default=[],

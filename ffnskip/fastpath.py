@@ -112,17 +112,18 @@ class _Mat:
     matmuls of a SmolLM2-135M step at batch 8). The packed copy costs one more copy of the weight,
     only once a batch has run."""
 
-    __slots__ = ("panels", "_packed")
+    __slots__ = ("panels", "_packable", "_packed")
 
     def __init__(self, panels: torch.Tensor) -> None:
         self.panels = panels  # [p, in, out/p]
+        self._packable = _ONEDNN and panels.device.type == "cpu" and panels.dtype == torch.float32
         self._packed = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, 1, in] -> [R, 1, out]."""
         R = x.shape[0]
         w = self.panels
-        if R == 1 or not _ONEDNN or w.device.type != "cpu" or w.dtype != torch.float32:
+        if R == 1 or not self._packable:
             return _matmul(x, w)
         p, k, n = w.shape
         if self._packed is None:

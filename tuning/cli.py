@@ -11,22 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-from ffnskip.cli import CLIError, positive_int
+from ffnskip.cli import CLIError, nonneg_float, positive_int
 
 from .config import ConfigError
-
-
-def _nonneg_float(flag: str):
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a number; got {text!r}") from None
-        if not v >= 0:
-            raise argparse.ArgumentTypeError(f"{flag} must be >= 0; got {text}")
-        return v
-
-    return parse
 
 
 # ------------------------------------------------------------------------------ tune
@@ -99,7 +86,7 @@ def register_results(sub) -> None:
 
     q = rs.add_parser("best", help="the best policy within the quality constraint, as --policy JSON")
     _common(q)
-    q.add_argument("--max-quality-drop", type=_nonneg_float("--max-quality-drop"), metavar="D",
+    q.add_argument("--max-quality-drop", type=nonneg_float("--max-quality-drop"), metavar="D",
                    help="largest allowed quality drop against dense (default: the study's max_quality_drop)")
     q.add_argument("--objective", choices=["skip_ratio", "tokens_per_s"], default="skip_ratio",
                    help="what to maximise within the constraint (default skip_ratio)")
@@ -253,23 +240,10 @@ def cmd_plot(args) -> int:
 
 # ------------------------------------------------------------------------------ python -m tuning
 def main(argv: list[str] | None = None) -> int:
-    import logging
-    import os
-
-    from ffnskip.cli import user_errors
+    from ffnskip.cli import run_entry_point
 
     parser = argparse.ArgumentParser(prog="python -m tuning", description="Run or resume an ffnskip tuning study.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     add_tune_args(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        return cmd_tune(args)
-    except user_errors() as exc:
-        print(f"tuning: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_entry_point("tuning", cmd_tune, args)

@@ -275,24 +275,23 @@ def _make_callback_class():
             self.completed += 1
             self.echo(f"{self._label(trial)} completed: {self.fmt(values)} {self._progress()}")
 
+        def _fail(self, trial, text: str, shown: str, node: str | None = None) -> None:
+            """Record ``trial`` as failed with ``text``, once; print ``shown``."""
+            if trial.trial_id in self.finished:
+                return
+            self.store.fail_trial(self._row(trial), text, node=node)
+            self.finished.add(trial.trial_id)
+            self.failed += 1
+            self.echo(f"{self._label(trial)} FAILED: {shown} {self._progress()}")
+
         def on_trial_error(self, iteration, trials, trial, **info):
             if trial.trial_id in self.finished:
                 return
-            row = self._row(trial)
             text = error_text(trial)
-            self.store.fail_trial(row, text, node=getattr(trial, "node_ip", None))
-            self.finished.add(trial.trial_id)
-            self.failed += 1
-            self.echo(f"{self._label(trial)} FAILED: {text.splitlines()[0]} {self._progress()}")
+            self._fail(trial, text, text.splitlines()[0], node=getattr(trial, "node_ip", None))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            if trial.trial_id in self.finished:
-                return
-            row = self._row(trial)
-            self.store.fail_trial(row, "the trial ended without reporting a result")
-            self.finished.add(trial.trial_id)
-            self.failed += 1
-            self.echo(f"{self._label(trial)} FAILED: no result {self._progress()}")
+            self._fail(trial, "the trial ended without reporting a result", "no result")
 
         def on_step_end(self, iteration, trials, **info):
             now = time.monotonic()

@@ -79,8 +79,16 @@ def utcnow() -> datetime:
 
 
 # ------------------------------------------------------------------------------ records
+class _Record:
+    """A plain copy of an ORM row (usable after its session closed): one field per column."""
+
+    @classmethod
+    def of(cls, m: Any):
+        return cls(**{f: getattr(m, f) for f in cls.__dataclass_fields__})
+
+
 @dataclass
-class StudyRecord:
+class StudyRecord(_Record):
     id: int
     name: str
     model: str
@@ -94,10 +102,6 @@ class StudyRecord:
     git_commit: str | None
     created_at: datetime
 
-    @classmethod
-    def of(cls, m: StudyModel) -> "StudyRecord":
-        return cls(**{f: getattr(m, f) for f in cls.__dataclass_fields__})
-
 
 @dataclass
 class StudySummary:
@@ -110,7 +114,7 @@ class StudySummary:
 
 
 @dataclass
-class TrialRecord:
+class TrialRecord(_Record):
     id: int
     study_id: int
     status: str
@@ -129,10 +133,6 @@ class TrialRecord:
     finished_at: datetime | None
     node: str | None
 
-    @classmethod
-    def of(cls, m: TrialModel) -> "TrialRecord":
-        return cls(**{f: getattr(m, f) for f in cls.__dataclass_fields__})
-
     @property
     def duration_s(self) -> float | None:
         if self.started_at and self.finished_at:
@@ -141,7 +141,7 @@ class TrialRecord:
 
 
 @dataclass
-class SampleRecord:
+class SampleRecord(_Record):
     id: int
     trial_id: int
     idx: int
@@ -154,13 +154,9 @@ class SampleRecord:
     skipped_ffn: int | None
     skip_ratio: float | None
 
-    @classmethod
-    def of(cls, m: SampleModel) -> "SampleRecord":
-        return cls(**{f: getattr(m, f) for f in cls.__dataclass_fields__})
-
 
 @dataclass
-class BaselineRecord:
+class BaselineRecord(_Record):
     id: int
     study_id: int
     quality: float | None
@@ -171,10 +167,6 @@ class BaselineRecord:
     node: str | None
     duration_s: float | None
     created_at: datetime
-
-    @classmethod
-    def of(cls, m: BaselineModel) -> "BaselineRecord":
-        return cls(**{f: getattr(m, f) for f in cls.__dataclass_fields__})
 
 
 # ------------------------------------------------------------------------------ engine
