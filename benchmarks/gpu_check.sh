@@ -18,6 +18,7 @@ done
 LAGGED='{"mode": "adaptive", "lagged": true, "threshold": 0.9, "layer_start": 5, "layer_end": 25, "warmup_tokens": 4, "skip_budget": 9, "dense_every": 0}'
 "$PY" -m ffnskip.cli bench speed --model smollm2-135m --device cuda --dtype bfloat16 \
   --policy-json "$LAGGED" --new-tokens 64 --repeats 3 --json | tee "$OUT/bench_lagged.json"
-# Exactness on the GPU: the engine tests with CUDA visible (tiny models run on CPU tensors,
-# the real-model tests load on the default device).
-"$PY" -m pytest -q tests/test_engine.py tests/test_real_model.py 2>&1 | tee "$OUT/tests.txt"
+# Exactness on the GPU: the engine tests with CUDA visible (tiny models run on CPU tensors; the
+# real-model tests load on the default device), and tests/test_sync.py, whose CUDA test decodes
+# under torch.cuda.set_sync_debug_mode("error"): any uncounted host synchronisation fails it.
+"$PY" -m pytest -q -rs tests/test_engine.py tests/test_sync.py tests/test_real_model.py 2>&1 | tee "$OUT/tests.txt"

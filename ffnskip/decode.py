@@ -4,11 +4,16 @@ Shared by the CLI, the evaluator, the benchmarks and the server. Small plain fun
 style of gpt-fast's ``generate.py``; the model's own forward pass runs every layer, and a
 :class:`~ffnskip.engine.SkipController` attached to it decides which FFNs to skip.
 
-Host-device synchronisations on the hot path, per decode step:
-* ``next_tokens.tolist()`` in :func:`generate`: 1 (the tokens are needed on the host for EOS,
-  stop strings and streaming text);
-* the adaptive controller: 1 per tested layer while some row still holds a skip budget
+Host-device synchronisations on the hot path, per decode step (all through
+:func:`ffnskip.sync.to_host`, all counted in ``SeqStats.host_syncs``):
+* reading the sampled tokens in :func:`generate`: 1 (the tokens are needed on the host for EOS,
+  stop strings and streaming text); with ``lagged`` adaptive the step's cosines come with them;
+* the eager adaptive controller: 1 per tested layer while some row still holds a skip budget
   (see :mod:`ffnskip.engine`).
+Nothing else in a decode step waits for the device: the skip plan's row indices go up in one
+asynchronous upload (:func:`ffnskip.sync.upload`); on CUDA the fast path is tested under
+``torch.cuda.set_sync_debug_mode("error")``. (The model's own forward, used for the prompt and for
+families the fast path does not cover, may synchronise inside transformers.)
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from torch import nn
 from .engine import SeqStats, SkipController
 from .fastpath import FastDecoder
 from .policy import SkipPolicy
+from .sync import to_host
 
 log = logging.getLogger(__name__)
 
@@ -308,11 +314,11 @@ def generate(
             next_tokens = sample(logits, params, generator)  # [B]
             cosines = ctl.pending_cosines()  # lagged adaptive only: [B, M] on the device, else None
             if cosines is None:
-                tokens_host = next_tokens.tolist()  # HOST SYNC: 1 per step (EOS, stop strings, text)
+                tokens_host = to_host(next_tokens)  # HOST SYNC: 1 per step (EOS, stop strings, text)
             else:
                 # HOST SYNC: still 1 per step, the tokens and the step's cosines in one transfer
                 # (float64 holds every token id exactly).
-                packed = torch.cat([next_tokens[:, None].double(), cosines.double()], dim=1).tolist()  # [B][1 + M]
+                packed = to_host(torch.cat([next_tokens[:, None].double(), cosines.double()], dim=1))  # [B][1 + M]
                 tokens_host = [int(row[0]) for row in packed]
                 ctl.accept_cosines([row[1:] for row in packed])
             ctl.end_step(active, syncs=1)

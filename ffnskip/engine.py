@@ -15,14 +15,21 @@ Attention is never touched, so every layer writes its K/V for every token. (The 
 baselines ``shortgpt`` and ``skipdecode`` also discard the attention output of a skipped layer;
 its K/V is still written, from the un-refined residual.)
 
-Host-device synchronisations (each is counted in the per-sequence stats):
+Host-device synchronisations (each is counted in the per-sequence stats, and each goes through
+:func:`ffnskip.sync.to_host`):
 * one per decode step in :mod:`ffnskip.decode` to read the sampled tokens;
-* in ``adaptive`` mode one per tested layer (reading the cosine of the rows still holding a
-  budget), only while some row of the batch holds a budget;
+* in ``adaptive`` mode one per tested layer (reading the cosines of the batch), only while some
+  row of the batch holds a budget;
 * in ``adaptive`` mode with ``lagged``: none of its own. The step records the cosines of the
   band's layers on the device; the decode loop reads them with the sampled tokens in its one
   read per step (``pending_cosines`` / ``accept_cosines``), and the next token's skip run is
   chosen from them before its pass begins.
+
+Host-to-device traffic: when rows of a batch skip different layers, the layers need the indices
+of the rows that run (and that skip) on the device. They are built on the host from the skip
+plan and sent in one asynchronous upload (:func:`ffnskip.sync.upload`) each time the plan
+changes (once per step; in eager ``adaptive`` mode also after a test started a run), never one
+blocking copy per layer.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from torch import nn
 
 from .adapters import Adapter, get_adapter
 from .policy import ResolvedPolicy, SkipPolicy
+from .sync import to_host, upload
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +120,25 @@ class SeqStats:
         return out
 
 
+@dataclass(frozen=True)
+class RowSplit:
+    """Which rows of the batch skip one layer, and the device indices to split the batch by.
+
+    ``keep`` / ``skip`` ([K] / [S] int64 on the model's device) are set only when the batch is
+    split (some rows skip, some do not); they are views of one upload per skip plan."""
+
+    skipping: tuple[int, ...] = ()
+    keep: torch.Tensor | None = None  # [K] rows that run the FFN (or layer)
+    skip: torch.Tensor | None = None  # [S] rows that skip it
+
+    @property
+    def none(self) -> bool:
+        return not self.skipping
+
+
+_NO_SPLIT = RowSplit()
+
+
 def sequence_seed(seed: int, prompt_ids: Sequence[int]) -> int:
     """Per-sequence seed of the ``random`` baseline: same prompt + seed -> same choices,
     whatever else is in the batch."""
@@ -172,6 +199,9 @@ class SkipController:
         self._recording = False
         self._cos_dev: dict[int, torch.Tensor] = {}
         self._cos_prev: list[list[float] | None] = [None] * self.batch_size
+        # The skip plan as device row indices per layer (see row_split); None = to be rebuilt.
+        self.device = next(model.parameters()).device
+        self._splits: list[RowSplit] | None = None
 
     # ------------------------------------------------------------------ schedule
     def begin_prefill(self) -> None:
@@ -189,6 +219,7 @@ class SkipController:
                     self._skip[r][i] = True
             self._any_skip = bool(self.resolved.removed)
         self._step_syncs = 0
+        self._splits = None
 
     def begin_step(self, token_index: Sequence[int]) -> None:
         """Before the pass that produces generated token ``token_index[r]`` of each row ``r``."""
@@ -239,9 +270,20 @@ class SkipController:
         self._any_skip = any_skip
         self._testing = testing
         self._step_syncs = 0
+        self._splits = None
         self._cos_dev = {}
         # lagged: every step records its cosines (the warm-up's too: they seed the first run)
         self._recording = self._lagged and not all(self.finished)
+
+    def _start_run(self, r: int, after: int, k: int) -> None:
+        """Row ``r``'s run of at most ``k`` skipped FFNs, starting after the test at layer
+        ``after``; a run never enters the cold end (layers >= the band's end)."""
+        last = min(after + k, self.resolved.end - 1)
+        skip = self._skip[r]
+        for i in range(after + 1, last + 1):
+            skip[i] = True
+        self.stats[r].trigger_layers[after] += 1
+        self._splits = None
 
     def _start_lagged_run(self, r: int, k: int) -> bool:
         """lagged: row ``r``'s run of ``k`` skips starts after the first tested layer whose cosine
@@ -253,10 +295,7 @@ class SkipController:
         tau = res.policy.threshold
         for j in range(max(0, res.start - 1), res.end - 1):  # tests after layer j start runs at j + 1
             if prev[j] > tau:  # nan (not measured) never fires
-                last = min(j + k, res.end - 1)  # never into the cold end
-                for i in range(j + 1, last + 1):
-                    self._skip[r][i] = True
-                self.stats[r].trigger_layers[j] += 1
+                self._start_run(r, j, k)
                 return True
         return False
 
@@ -286,7 +325,7 @@ class SkipController:
         own (one host synchronisation, counted)."""
         pending = self.pending_cosines()
         if pending is not None:
-            self.accept_cosines(pending.tolist())  # HOST SYNC (1 per step, lagged only)
+            self.accept_cosines(to_host(pending))  # HOST SYNC (1 per step, lagged only)
             self._step_syncs += 1
 
     def end_step(self, produced: Sequence[bool], syncs: int = 0) -> None:
@@ -305,6 +344,8 @@ class SkipController:
                     st.skipped_per_layer[i] += 1
 
     def finish(self, row: int) -> None:
+        """Row ``row`` produced its last token (or was cancelled): from the next step on it
+        computes no FFN (:meth:`begin_step` marks every layer skipped for it)."""
         self.finished[row] = True
 
     # ------------------------------------------------------------------ per-layer decisions
@@ -315,11 +356,51 @@ class SkipController:
         lagged rule records this pass's cosines: the paths call :meth:`observe` after each layer."""
         return self._testing or self._recording
 
+    @property
+    def whole_layer(self) -> bool:
+        """Whole-layer baselines (``shortgpt``, ``skipdecode``): a skipped row's layer output is
+        replaced by its input (attention output discarded too), not only its FFN's."""
+        return self._whole
+
     def rows_skipping(self, layer: int) -> list[int]:
         """Rows whose FFN (or whole layer, for the whole-layer baselines) is skipped at ``layer``."""
+        return list(self.row_split(layer).skipping)
+
+    def row_split(self, layer: int) -> RowSplit:
+        """The rows skipping ``layer`` and, when the batch is split there, the device indices of
+        the rows that run and that skip it. Host work only: the indices of every split layer
+        were sent in one asynchronous upload when the plan last changed."""
         if not self._any_skip:
-            return []
-        return [r for r in range(self.batch_size) if self._skip[r][layer]]
+            return _NO_SPLIT
+        if self._splits is None:
+            self._splits = self._plan_splits()
+        return self._splits[layer]
+
+    def _plan_splits(self) -> list[RowSplit]:
+        B = self.batch_size
+        rows = range(B)
+        per_layer: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+        flat: list[int] = []
+        for i in range(self.num_layers):
+            skipping = tuple(r for r in rows if self._skip[r][i])
+            keep = tuple(r for r in rows if not self._skip[r][i]) if 0 < len(skipping) < B else ()
+            per_layer.append((skipping, keep))
+            if keep:
+                flat.extend(keep)
+                flat.extend(skipping)
+        dev = upload(flat, self.device) if flat else None  # [sum K + S], one non-blocking copy
+        out: list[RowSplit] = []
+        at = 0
+        for skipping, keep in per_layer:
+            if not skipping:
+                out.append(_NO_SPLIT)
+            elif not keep:
+                out.append(RowSplit(skipping))
+            else:
+                k, n = len(keep), len(keep) + len(skipping)
+                out.append(RowSplit(skipping, dev[at : at + k], dev[at + k : at + n]))
+                at += n
+        return out
 
     def observe(self, layer: int, h: torch.Tensor, x: torch.Tensor) -> None:
         """The adaptive test after ``layer``: h, x [B, T, D] = residual before / after its FFN."""
@@ -336,25 +417,16 @@ class SkipController:
         if not rows:
             self._testing = False
             return
-        if len(rows) == h.shape[0]:
-            hs, xs = h[:, -1], x[:, -1]  # [R, D] current position
-        else:
-            idx = torch.tensor(rows, device=x.device)
-            hs, xs = h.index_select(0, idx)[:, -1], x.index_select(0, idx)[:, -1]  # [R, D]
-        cos = F.cosine_similarity(hs.float(), xs.float(), dim=-1)  # [R] over the hidden dim
-        values = cos.tolist()  # HOST SYNC (1 per tested layer while a row holds a budget)
+        # Every row's cosine (a few hundred flops each): no row index to upload for a subset.
+        cos = F.cosine_similarity(h[:, -1].float(), x[:, -1].float(), dim=-1)  # [B] over the hidden dim
+        values = to_host(cos)  # HOST SYNC (1 per tested layer while a row holds a budget)
         self._step_syncs += 1
         tau = res.policy.threshold
-        for r, c in zip(rows, values):
-            if c > tau:
-                k = self._budget[r]
-                last = min(layer + k, res.end - 1)  # never into the cold end
-                skip = self._skip[r]
-                for i in range(layer + 1, last + 1):
-                    skip[i] = True
+        for r in rows:
+            if values[r] > tau:
+                self._start_run(r, layer, self._budget[r])
                 self._budget[r] = 0  # one run per token
                 self._any_skip = True
-                self.stats[r].trigger_layers[layer] += 1
         if not any(b > 0 for b in self._budget):
             self._testing = False
 
@@ -362,16 +434,13 @@ class SkipController:
     def _make_ffn_forward(self, layer: int, orig):
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             # x: [B, T, D] normed residual entering the FFN
-            skipping = self.rows_skipping(layer)
-            if not skipping:
+            split = self.row_split(layer)
+            if split.none:
                 return orig(x, *args, **kwargs)
-            if len(skipping) == x.shape[0]:
+            if split.keep is None:
                 return torch.zeros_like(x)  # [B, T, D]: nobody runs this FFN
-            keep = [r for r in range(x.shape[0]) if not self._skip[r][layer]]
-            keep_idx = torch.tensor(keep, device=x.device)
             out = torch.zeros_like(x)  # [B, T, D]
-            out[keep_idx] = orig(x.index_select(0, keep_idx), *args, **kwargs)  # run [K, T, D] rows only
-            return out
+            return out.index_copy_(0, split.keep, orig(x.index_select(0, split.keep), *args, **kwargs))  # run [K, T, D] rows only
 
         return forward
 
@@ -389,24 +458,24 @@ class SkipController:
 
     def _make_whole_layer_hook(self, layer: int):
         def hook(module, args, kwargs, output):
-            rows = self.rows_skipping(layer)
-            if not rows:
+            split = self.row_split(layer)
+            if split.none:
                 return None
             x_in = args[0] if args else kwargs["hidden_states"]  # [B, T, D] layer input
             x = output[0] if isinstance(output, tuple) else output  # [B, T, D] layer output
-            x = x.clone()
-            idx = torch.tensor(rows, device=x.device)
-            x[idx] = x_in.index_select(0, idx)  # the whole layer is skipped for these rows
+            if split.keep is None:
+                x = x_in  # every row skips the whole layer
+            else:  # the whole layer is skipped for these rows
+                x = x.index_copy(0, split.skip, x_in.index_select(0, split.skip))
             return (x, *output[1:]) if isinstance(output, tuple) else x
 
         return hook
 
     @contextmanager
     def attached(self) -> Iterator["SkipController"]:
-        """Install the hooks on the model for the duration of the block (dense mode: none)."""
-        if self.resolved.mode == "dense":
-            yield self
-            return
+        """Install the hooks on the model for the duration of the block. Every mode wraps the
+        FFNs (in ``dense`` mode only finished or cancelled rows skip them: they compute nothing);
+        the adaptive test and the whole-layer baselines add their hooks."""
         handles = []
         patched: list[tuple[nn.Module, Any]] = []
         try:

@@ -362,9 +362,19 @@ def _generate(
     return out
 
 
+def _numerics(model) -> dict:
+    """What besides the model and the code changes a dense decode's bits here (threads, panels,
+    CPU kernels: :func:`ffnskip.fastpath.numerics_key`); part of every dense cache key, so that a
+    decode cached under other settings is never compared with one made under these."""
+    from .fastpath import numerics_key
+
+    return numerics_key(next(model.parameters()).device)
+
+
 def _dense_generate(model, tokenizer, prompt_ids, params, batch_size, cache, model_fp, bar) -> list[dict]:
     settings = {"max_new_tokens": params.max_new_tokens, "stop": list(params.stop), "batch_size": batch_size}
-    keys = [cache.key("gen", model_fp, ids, settings) if cache is not None else None for ids in prompt_ids]
+    num = _numerics(model)
+    keys = [cache.key("gen", model_fp, num, ids, settings) if cache is not None else None for ids in prompt_ids]
     found: list[dict | None] = [cache.get(k) if cache is not None else None for k in keys]
     missing = [i for i, f in enumerate(found) if f is None]
     bar.update(len(prompt_ids) - len(missing))
@@ -380,7 +390,11 @@ def _dense_generate(model, tokenizer, prompt_ids, params, batch_size, cache, mod
 
 
 def _dense_tf(model, prompt_ids, continuation, cache, model_fp, max_new_tokens: int | None = None) -> dict:
-    key = cache.key("tf", model_fp, list(prompt_ids), list(continuation), max_new_tokens) if cache is not None else None
+    key = (
+        cache.key("tf", model_fp, _numerics(model), list(prompt_ids), list(continuation), max_new_tokens)
+        if cache is not None
+        else None
+    )
     hit = cache.get(key) if cache is not None else None
     if hit is not None:
         return hit

@@ -13,10 +13,18 @@ float rounding and greedy output is token-identical to transformers in the tests
   streams the ``[out, in]`` layout that ``F.linear`` reads more slowly, while one ``bmm`` over
   the panels runs the non-transposed GEMV on every core (measured on the 2-core CI machine:
   the matmuls of a SmolLM2-135M step take about 35 ms instead of 65 ms). q/k/v and gate/up are
-  each one matmul over concatenated weights. The summation order inside a dot product differs
-  from ``F.linear``'s, so logits differ from transformers' in the last bits (about 1e-6
+  each one matmul over concatenated weights, and every bias the model's linears carry (q/k/v,
+  o_proj, gate/up/down) is added after its matmul. The summation order inside a dot product
+  differs from ``F.linear``'s, so logits differ from transformers' in the last bits (about 1e-6
   relative); greedy tokens stay identical to transformers in the tests. The panels cost one more
   copy of the matmul weights (about 0.5 GB for SmolLM2-135M in fp32);
+
+What is guaranteed about the numbers (and tested): for a fixed panel count, thread count and
+CPU, a decode step is deterministic (the same inputs give bit-identical logits). Across panel
+counts (= thread counts), or across CPUs whose BLAS picks another kernel (AVX2, AVX-512, AMX),
+results agree only to float rounding: a BLAS may block the inner dimension differently for a
+narrower panel. :func:`numerics_key` names everything that can change the numbers; a cache of
+dense decodes must key on it.
 * RoPE comes from the model's own rotary module, once per step for all layers, and is applied
   to q and k in one elementwise pass (the same operations per element as transformers');
 * the skip decisions are the shared :class:`~ffnskip.engine.SkipController`'s.
@@ -60,6 +68,61 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def numerics_key(device: torch.device | str = "cpu") -> dict:
+    """Everything besides the model, the inputs and the code that can change the bits of a decode:
+    panel and thread counts, torch's CPU capability, the CPU itself (its BLAS/oneDNN kernel choice
+    depends on the ISA: AVX2, AVX-512, AMX), and the accelerator's name."""
+    device = torch.device(device)
+    key = {
+        "device": device.type,
+        "panels": panel_count(device),
+        "threads": torch.get_num_threads(),
+        "cpu_capability": _cpu_capability(),
+        "cpu": _cpu_identity(),
+        "mkldnn": bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled),
+    }
+    if device.type == "cuda":
+        key["accelerator"] = torch.cuda.get_device_name(device)
+    return key
+
+
+def _cpu_capability() -> str:
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        return "unknown"
+
+
+_CPU_ID: str | None = None
+
+
+def _cpu_identity() -> str:
+    """The CPU's model name and a hash of its feature flags (Linux ``/proc/cpuinfo``), else the
+    platform's processor string."""
+    global _CPU_ID
+    if _CPU_ID is None:
+        import hashlib
+        import platform
+
+        name, flags = "", ""
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    k, _, v = line.partition(":")
+                    k = k.strip()
+                    if k == "model name" and not name:
+                        name = v.strip()
+                    elif k in ("flags", "Features") and not flags:
+                        flags = " ".join(sorted(v.split()))
+                    if name and flags:
+                        break
+        except OSError:
+            pass
+        name = name or platform.processor() or platform.machine()
+        _CPU_ID = f"{name}|{hashlib.sha256(flags.encode()).hexdigest()[:12]}"
+    return _CPU_ID
+
+
 def panel_count(device: torch.device) -> int:
     """Column panels per weight: one per intra-op thread on CPU, where MKL runs a lone GEMV on one
     core but ``bmm`` runs one panel per core; 1 on accelerators (one kernel uses the device)."""
@@ -81,8 +144,9 @@ def _matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [B, 1, in] @ panels w [p, in, out/p] -> [B, 1, out].
 
     Every panel is one GEMV (GEMM for B > 1) over contiguous input-major memory; the p panels run
-    on p cores inside one ``bmm``. Each output is one dot product computed by the same kernel
-    whatever p is, so the result does not depend on the panel count (tested)."""
+    on p cores inside one ``bmm``. Deterministic for a given p; across panel counts the outputs
+    agree to float rounding only (a BLAS may block a narrower panel's dot products differently;
+    seen on a Xeon with AVX-512 and AMX), tested as such."""
     B = x.shape[0]
     p, k, n = w.shape
     x2 = x.reshape(B, k)  # [B, in]
@@ -112,15 +176,20 @@ class _Mat:
     matmuls of a SmolLM2-135M step at batch 8). The packed copy costs one more copy of the weight,
     only once a batch has run."""
 
-    __slots__ = ("panels", "_packable", "_packed")
+    __slots__ = ("panels", "bias", "_packable", "_packed")
 
-    def __init__(self, panels: torch.Tensor) -> None:
+    def __init__(self, panels: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.panels = panels  # [p, in, out/p]
+        self.bias = bias  # [out] or None, added after the matmul
         self._packable = _ONEDNN and panels.device.type == "cpu" and panels.dtype == torch.float32
         self._packed = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, 1, in] -> [R, 1, out]."""
+        y = self._matmul(x)
+        return y if self.bias is None else y + self.bias
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         R = x.shape[0]
         w = self.panels
         if R == 1 or not self._packable:
@@ -139,30 +208,38 @@ class _Layer:
 
     in_norm: torch.Tensor  # [D]
     post_norm: torch.Tensor  # [D]
-    qkv: _Mat  # [p, D, (H + 2 H_kv) hd / p]
-    qkv_bias: torch.Tensor | None  # [(H + 2 H_kv) hd]
+    qkv: _Mat  # [p, D, (H + 2 H_kv) hd / p], bias [(H + 2 H_kv) hd] if any of q/k/v has one
     o: _Mat  # [p, H hd, D / p]
     gate_up: _Mat  # [p, D, 2 I / p]
     down: _Mat  # [p, I, D / p]
     qk_norm: torch.Tensor | None  # Qwen3: [H + H_kv, hd], q_norm's weight per q head, k_norm's per k head
 
 
+def _bias(*linears: nn.Module) -> torch.Tensor | None:
+    """The concatenated biases of linears whose outputs are concatenated ([sum out]), zeros for a
+    linear without one; None when none has a bias."""
+    if all(getattr(m, "bias", None) is None for m in linears):
+        return None
+    parts = [m.bias if m.bias is not None else m.weight.new_zeros(m.weight.shape[0]) for m in linears]
+    return torch.cat(parts).contiguous()
+
+
 def _layer_panels(layer: nn.Module, p: int) -> tuple:
-    """A layer's matmul weights as panels, built once per model and panel count and kept on the
-    layer (rebuilt if its weights are replaced, e.g. by a new checkpoint)."""
+    """A layer's matmul weights (and biases) as panels, built once per model and panel count and
+    kept on the layer (rebuilt if its weights are replaced, e.g. by a new checkpoint)."""
     a, m = layer.self_attn, layer.mlp
     key = (p, a.q_proj.weight, a.o_proj.weight, m.gate_proj.weight, m.down_proj.weight)
     cached = getattr(layer, "_ffnskip_panels", None)
     if cached is None or cached[0][0] != p or any(x is not y for x, y in zip(cached[0][1:], key[1:])):
         with torch.no_grad():
-            qkv = _Mat(_panels(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), p))
-            bias = None
-            if a.q_proj.bias is not None:
-                bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).contiguous()
-            gate_up = _Mat(_panels(torch.cat([m.gate_proj.weight, m.up_proj.weight]), p))
-            o = _Mat(_panels(a.o_proj.weight, p))
-            down = _Mat(_panels(m.down_proj.weight, p))
-        cached = (key, qkv, bias, o, gate_up, down)
+            qkv = _Mat(
+                _panels(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), p),
+                _bias(a.q_proj, a.k_proj, a.v_proj),
+            )
+            gate_up = _Mat(_panels(torch.cat([m.gate_proj.weight, m.up_proj.weight]), p), _bias(m.gate_proj, m.up_proj))
+            o = _Mat(_panels(a.o_proj.weight, p), _bias(a.o_proj))
+            down = _Mat(_panels(m.down_proj.weight, p), _bias(m.down_proj))
+        cached = (key, qkv, o, gate_up, down)
         layer._ffnskip_panels = cached
     return cached[1:]
 
@@ -194,9 +271,14 @@ class FastDecoder:
             return "a sliding window shorter than the sequence"
         if getattr(cfg, "hidden_act", "silu") != "silu":
             return f"activation {cfg.hidden_act}"
+        if getattr(cfg, "pretraining_tp", 1) not in (None, 1):
+            return f"pretraining_tp={cfg.pretraining_tp}"
         layer = get_adapter(model).layers(model)[0]
-        if getattr(layer.mlp, "gate_proj", None) is None or getattr(layer.self_attn, "o_proj", None) is None:
-            return "an unexpected layer layout"
+        a, m = layer.self_attn, getattr(layer, "mlp", None)
+        for owner, names in ((a, ("q_proj", "k_proj", "v_proj", "o_proj")), (m, ("gate_proj", "up_proj", "down_proj"))):
+            for name in names:
+                if not isinstance(getattr(owner, name, None), nn.Linear):
+                    return f"an unexpected layer layout (no linear {name})"
         return None
 
     def __init__(self, model: nn.Module, batch_size: int, max_len: int, padded: bool) -> None:
@@ -221,7 +303,7 @@ class FastDecoder:
         self.length = 0  # filled columns of the cache
 
     def _pack(self, layer: nn.Module) -> _Layer:
-        qkv, bias, o, gate_up, down = _layer_panels(layer, self.panels)
+        qkv, o, gate_up, down = _layer_panels(layer, self.panels)
         a = layer.self_attn
         qk_norm = None
         if hasattr(a, "q_norm"):  # one [H + Hkv, hd] weight: q and k heads normalised in one pass
@@ -230,7 +312,6 @@ class FastDecoder:
             in_norm=layer.input_layernorm.weight,
             post_norm=layer.post_attention_layernorm.weight,
             qkv=qkv,
-            qkv_bias=bias,
             o=o,
             gate_up=gate_up,
             down=down,
@@ -261,8 +342,10 @@ class FastDecoder:
     ) -> torch.Tensor:
         """tokens [B, 1], position_ids [B, 1], attention_mask [B, N] (1 = real) -> logits [B, V].
 
-        No host synchronisation inside: the skip decisions are read from the controller, which
-        took them from tensors it synchronised once per step (see :mod:`ffnskip.engine`)."""
+        No host synchronisation of its own: the skip decisions and the device row indices come
+        from the controller (:meth:`~ffnskip.engine.SkipController.row_split`, one asynchronous
+        upload per plan); eager ``adaptive`` tests read their cosines through the controller
+        (counted, see :mod:`ffnskip.engine`)."""
         model = self.model
         B = tokens.shape[0]
         hd, H, Hkv = self.head_dim, self.n_heads, self.n_kv
@@ -274,14 +357,11 @@ class FastDecoder:
         # No padding: no mask, GQA inside SDPA. Padding: a boolean mask [B, 1, 1, N] and the
         # query heads packed per K/V head, as transformers' SDPA integration does.
         mask = attention_mask[:, None, None, : col + 1].bool() if self.padded else None  # [B, 1, 1, n]
-        whole = ctl._whole
+        whole = ctl.whole_layer
         for i, lw in enumerate(self.layers):
             x_in = x
             hn = _rms_norm(x, lw.in_norm, self.eps)  # [B, 1, D]
-            qkv = lw.qkv(hn)  # [B, 1, (H + 2Hkv) hd]
-            if lw.qkv_bias is not None:
-                qkv = qkv + lw.qkv_bias
-            qkv = qkv.view(B, H + 2 * Hkv, hd)
+            qkv = lw.qkv(hn).view(B, H + 2 * Hkv, hd)  # [B, H + 2Hkv, hd]
             qk = qkv[:, : H + Hkv]  # [B, H + Hkv, hd]
             if lw.qk_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
                 qk = _rms_norm(qk, lw.qk_norm, self.eps)
@@ -298,19 +378,16 @@ class FastDecoder:
                 o = F.scaled_dot_product_attention(qp, keys, values, attn_mask=mask, dropout_p=0.0, scale=self.scaling, is_causal=False)
             o = o.reshape(B, 1, H * hd)  # [B, 1, H hd] (one query: heads are already contiguous)
             h = x + lw.o(o)  # [B, 1, D] residual before the FFN
-            skipping = ctl.rows_skipping(i)
-            if not skipping:
+            split = ctl.row_split(i)
+            if split.none:
                 x = h + self._mlp(lw, h)
-            elif len(skipping) == B:
-                x = h
-            else:
-                keep = torch.tensor([r for r in range(B) if r not in skipping], device=h.device)
-                x = h.clone()
-                x[keep] = h.index_select(0, keep) + self._mlp(lw, h.index_select(0, keep))  # [K, 1, D]
-            if whole and skipping:
-                idx = torch.tensor(skipping, device=x.device)
-                x = x.clone()
-                x[idx] = x_in.index_select(0, idx)  # whole-layer baselines: the layer is skipped
+            elif split.keep is None:
+                x = h  # every row skips this FFN
+            else:  # the rows that run this FFN: [K, 1, D] gathered, computed, written back
+                hk = h.index_select(0, split.keep)
+                x = h.index_copy(0, split.keep, hk + self._mlp(lw, hk))  # [B, 1, D]
+            if whole and not split.none:  # whole-layer baselines: the layer is skipped
+                x = x_in if split.keep is None else x.index_copy(0, split.skip, x_in.index_select(0, split.skip))
             if ctl.testing:
                 ctl.observe(i, h, x)
         x = model.model.norm(x)  # [B, 1, D]

@@ -10,6 +10,7 @@ import torch
 
 import ffnskip
 from ffnskip import SamplingParams, SkipPolicy, encode_prompt, generate
+from ffnskip import metrics
 from ffnskip.evaluate import DenseCache, evaluate, score_continuation
 
 pytestmark = pytest.mark.slow
@@ -95,7 +96,11 @@ def test_teacher_forcing_applies_the_policy_exactly_as_generation(smollm, mode):
     assert tf.argmax == produced
     assert tf.stats.skipped_per_layer == results[0].stats.skipped_per_layer
     assert tf.stats.skipped_ffn > 0
+    # each NLL is -log p(token) under the policy: the generating pass's own logits, by hand
     assert all(math.isfinite(x) and x >= 0 for x in tf.nll)
+    dense_tf = score_continuation(model, SkipPolicy.dense(), ids, produced, max_new_tokens=16)
+    assert tf.nll[:3] == pytest.approx(dense_tf.nll[:3], abs=1e-4)  # warm-up tokens: dense
+    assert tf.nll != pytest.approx(dense_tf.nll, abs=1e-4)  # after it the policy's own distributions
 
 
 def test_summarization_scores_rouge_per_bucket(smollm, cache):
@@ -106,9 +111,13 @@ def test_summarization_scores_rouge_per_bucket(smollm, cache):
                    measure_speed=False, progress=False, score_nll=False)
     assert rep.primary["name"] == "rouge_l"
     assert rep.skip["by_bucket"]["small"]["n"] == 1
-    for side in (rep.dense, rep.skip):
+    # every ROUGE is the package's score of that side's own output against the highlights
+    s = rep.samples[0]
+    for side, out, scores in ((rep.dense, s["dense_output"], s["dense_scores"]), (rep.skip, s["output"], s["scores"])):
+        want = metrics.rouge(out, s["reference"])
         for k in ("rouge1", "rouge2", "rouge_l"):
-            assert 0.0 <= side[k] <= 1.0
+            assert scores[k] == pytest.approx(want[k]) and side[k] == pytest.approx(want[k])
+    assert rep.skip["rouge_l_vs_dense"] == pytest.approx(metrics.rouge_l(s["output"], s["dense_output"]))
     assert all("@highlight" not in s["prompt"] for s in rep.samples)
     assert all(len(s["reference"].splitlines()) >= 2 for s in rep.samples)  # the highlights
 
@@ -128,11 +137,44 @@ def test_perplexity_is_decoded_token_by_token(smollm, cache):
     rep = evaluate(model, tok, POLICY, "perplexity", limit=24, max_new_tokens=12, dense_cache=cache,
                    measure_speed=True, speed_items=1, speed_rounds=1, progress=False)
     assert rep.n == 2 and rep.dense["tokens"] == rep.skip["tokens"] == 24
-    assert 1.0 < rep.dense["perplexity"] < 1e4
     assert rep.skip["skip_ratio"] > 0
     assert rep.primary == {"name": "perplexity", "higher_is_better": False}
-    assert 0.0 <= rep.skip["answer_agreement"] <= 1.0  # top-1 agreement with dense per position
     assert rep.speed["method"] == "alternating" and rep.skip["tokens_per_s"] > 0
+    # pooled numbers from the per-sample ones, by hand (token-weighted)
+    n = [s["dense_generated_tokens"] for s in rep.samples]
+    for side, key in ((rep.dense, "dense_scores"), (rep.skip, "scores")):
+        ppl = math.exp(sum(k * math.log(s[key]["perplexity"]) for k, s in zip(n, rep.samples)) / sum(n))
+        assert side["perplexity"] == pytest.approx(ppl) == pytest.approx(math.exp(side["nll"]))
+    agree = sum(k * s["scores"]["answer_agreement"] for k, s in zip(n, rep.samples)) / sum(n)
+    assert rep.skip["answer_agreement"] == pytest.approx(agree)
+    for s in rep.samples:  # full agreement exactly when the policy's predictions never diverged
+        assert (s["scores"]["answer_agreement"] == 1.0) == (s["scores"]["diverged"] == 0.0)
+    # against dense: the same evaluation of the dense policy agrees everywhere, same perplexity
+    same = evaluate(model, tok, SkipPolicy.dense(), "perplexity", limit=24, max_new_tokens=12, dense_cache=cache,
+                    measure_speed=False, progress=False)
+    assert same.skip["answer_agreement"] == 1.0 and same.skip["skip_ratio"] == 0.0
+    assert same.skip["perplexity"] == pytest.approx(rep.dense["perplexity"], rel=1e-5)
+    assert rep.skip["perplexity"] != pytest.approx(rep.dense["perplexity"], rel=1e-6)  # skipping changed it
+
+
+def test_factoid_accuracy_scores_the_generated_text_not_the_prompt(smollm, cache, tmp_path):
+    """The gold answer sits in the question itself; the score reads only what the model wrote."""
+    import json
+
+    model, tok = smollm
+    data = tmp_path / "qa.jsonl"
+    rows = [{"question": "Ignore the word banana. What is the capital of France?", "answer": "banana"},
+            {"question": "How many legs does a spider have?", "answer": "8"}]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    rep = evaluate(model, tok, SkipPolicy.dense(), "factoid_qa", data_file=str(data), max_new_tokens=8,
+                   dense_cache=cache, measure_speed=False, progress=False, score_nll=False)
+    first, second = rep.samples
+    assert "banana" in first["prompt"] and "banana" not in first["output"].lower()
+    assert first["scores"]["accuracy"] == 0.0 == first["dense_scores"]["accuracy"]
+    assert second["output"].startswith("8") and second["scores"]["accuracy"] == 1.0
+    for s in rep.samples:
+        assert s["scores"]["accuracy"] == float(metrics.substring_match(s["output"], s["reference"]))
+    assert rep.skip["accuracy"] == rep.dense["accuracy"] == 0.5
 
 
 def test_shortgpt_policy_from_the_profile(smollm):
