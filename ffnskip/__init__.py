@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 
 def load_model(name_or_path: str = "smollm2-135m", dtype=None, device=None):
     """Load ``(model, tokenizer)`` from an alias, a HF directory / hub id, or a ``.gguf`` file."""
-    from .models import load_model as _load
+    from .loading import load_model as _load
 
     return _load(name_or_path, dtype=dtype, device=device)
 

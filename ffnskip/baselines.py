@@ -6,7 +6,7 @@
   the outputs.
 * ``shortgpt`` removes whole layers: those with the lowest block influence
   ``1 - cos(layer input, layer output)``, measured densely on real text by
-  :func:`ffnskip.profile.layer_cosines`. :func:`shortgpt_policy` measures it and returns the
+  :func:`ffnskip.saturation.layer_cosines`. :func:`shortgpt_policy` measures it and returns the
   policy with the removed layers.
 * ``skipdecode`` (position-based exit schedule) is a policy mode of the engine.
 """
@@ -37,7 +37,7 @@ def block_influence(model, tokenizer, text: str | None = None, tokens: int = 512
     """ShortGPT block influence per layer, ``1 - mean_t cos(layer input_t, layer output_t)``,
     over the first ``tokens`` tokens of ``text`` (default: the WikiText-2 raw test split)."""
     from .data import wikitext2_text
-    from .profile import layer_cosines
+    from .saturation import layer_cosines
 
     if text is None:
         text = wikitext2_text(data_dir)
@@ -154,7 +154,7 @@ def estimate_adaptive_ratio(
 
     ``ffn_cos[i]`` is ``[L][n_i]``: for sample ``i``, cos(residual before FFN, after it) per
     layer at the input position of the pass that produced each of its ``n_i = lengths[i]``
-    generated tokens (from :func:`ffnskip.profile.layer_cosines` over prompt + dense output,
+    generated tokens (from :func:`ffnskip.saturation.layer_cosines` over prompt + dense output,
     positions ``S-1 .. S+n-2``). The rule of method.md §2 is replayed on them; skipping changes
     later hidden states, so this is an estimate for calibration (measure the real ratio).
     Returns ``(skip_ratio, trigger_rate)`` (share of skip-eligible tokens whose test fired).

@@ -78,7 +78,7 @@ def nonneg_float(flag: str) -> Callable[[str], float]:
 
 
 def load_model_cli(args: argparse.Namespace):
-    from .models import load_model
+    from .loading import load_model
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -188,7 +188,7 @@ def _add_profile(sub) -> None:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from .data import DataError, wikitext2_text
-    from .profile import plot, profile
+    from .saturation import plot, profile
 
     if args.text_file:
         try:
@@ -302,7 +302,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     errs: list[type[BaseException]] = [CLIError, PolicyError, GenerationError, UnsupportedArchitecture, DataError]
     try:
-        from .models import ModelError
+        from .loading import ModelError
 
         errs.append(ModelError)
     except ImportError:

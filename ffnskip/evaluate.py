@@ -110,7 +110,7 @@ def _code_version() -> str:
 
         h = hashlib.sha256(f"{CACHE_FORMAT}|{torch.__version__}|{transformers.__version__}".encode())
         here = Path(__file__).resolve().parent
-        for name in ("decode.py", "engine.py", "fastpath.py"):
+        for name in ("decode.py", "engine.py", "fastpath.py", "sync.py"):
             try:
                 h.update((here / name).read_bytes())
             except OSError:

@@ -91,7 +91,7 @@ class Store:
 # ---------------------------------------------------------------------- measurements
 def run_profile(model, tokenizer, name: str, assets: Path, data_dir) -> dict:
     from ffnskip.data import wikitext2_text
-    from ffnskip.profile import plot, profile
+    from ffnskip.saturation import plot, profile
 
     prof = profile(model, tokenizer, wikitext2_text(data_dir), tokens=512, model_name=name)
     assets.mkdir(parents=True, exist_ok=True)
@@ -105,7 +105,7 @@ def calibration_data(model, tokenizer, chat: bool, limit: int, max_new_tokens: i
 
     from ffnskip.decode import SamplingParams, encode_prompt, generate
     from ffnskip.policy import SkipPolicy
-    from ffnskip.profile import layer_cosines
+    from ffnskip.saturation import layer_cosines
     from ffnskip.tasks import get_task
 
     task = get_task("factoid_qa_dev")

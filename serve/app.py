@@ -17,7 +17,7 @@ from .policies import startup_entry
 
 
 def app(args: ServeArgs) -> Application:
-    from ffnskip.models import resolve_model
+    from ffnskip.loading import resolve_model
 
     from .deployment import build_application
 

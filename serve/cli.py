@@ -125,7 +125,7 @@ def _stop_serve(rserve, local: bool, timeout_s: float = 20.0) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ffnskip.models import resolve_model
+    from ffnskip.loading import resolve_model
     from ffnskip.policy import PolicyError
 
     from .policies import PolicySourceError, startup_entry

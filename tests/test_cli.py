@@ -53,7 +53,7 @@ def test_profile_json_and_plot(tmp_path):
     # the paper's saturation picture on this model: layer 0 rewrites the residual, the middle saturates
     assert means[0] < 0.5 and min(means[1:-1]) > 0.9 > means[-1]
     s = out["suggested"]
-    from ffnskip.profile import suggest
+    from ffnskip.saturation import suggest
 
     start, end, tau = suggest(means, p10)  # the documented rule, on the printed (rounded) numbers
     assert (s["layer_start"], s["layer_end"]) == (start, end) and s["threshold"] == pytest.approx(tau, abs=1e-4)

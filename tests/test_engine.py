@@ -6,7 +6,7 @@ from tiny import FAMILIES, TinyTokenizer, tiny_model
 
 from ffnskip import SamplingParams, SkipPolicy, UnsupportedArchitecture, generate, get_adapter
 from ffnskip.decode import new_cache
-from ffnskip.profile import layer_cosines
+from ffnskip.saturation import layer_cosines
 
 TOK = TinyTokenizer()
 PROMPTS = [[5, 17, 33, 2, 90, 41], [7, 7, 120], [200, 3, 64, 9, 11, 150, 31, 8, 77]]

@@ -36,7 +36,7 @@ def test_import_ffnskip_works_without_ray_and_the_service_extras():
         "        if name.split('.')[0] in {'ray', 'optuna', 'sqlalchemy', 'alembic', 'fastapi', 'uvicorn', 'openai'}:\n"
         "            raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import ffnskip, ffnskip.cli, ffnskip.decode, ffnskip.engine, ffnskip.models, ffnskip.profile, ffnskip.bench\n"
+        "import ffnskip, ffnskip.cli, ffnskip.decode, ffnskip.engine, ffnskip.loading, ffnskip.saturation, ffnskip.bench\n"
         "print('ok', ffnskip.__version__)\n"
     )
     p = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, timeout=120)

@@ -148,7 +148,7 @@ def model_facts(spec: EvalSpec, model) -> dict[str, Any]:
         "model_hash": None,
     }
     try:
-        from ffnskip.models import file_sha256, resolve_model
+        from ffnskip.loading import file_sha256, resolve_model
 
         info = resolve_model(spec.model)
         facts["model_hash"] = info.file_hash

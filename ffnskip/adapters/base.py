@@ -36,10 +36,6 @@ class Adapter:
     """Attribute of a decoder layer: the FFN module."""
     ffn_post_norm: str | None = None
     """Attribute of a decoder layer: a norm applied to the FFN output before the add (Gemma 3)."""
-    residual: str = "x = h + ffn(ffn_norm(h))"
-    """How the FFN branch is added to the residual stream (documentation and ``ffn_branch``)."""
-    gated: bool = True
-    """Gated MLP (gate/up/down: 3 matrices) or a plain two-matrix MLP."""
     check: Callable[[object], None] | None = field(default=None, compare=False)
     """Optional config check: raises ``ValueError`` for variants the adapter cannot drive."""
 
@@ -54,13 +50,6 @@ class Adapter:
 
     def ffn_norm_module(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.ffn_norm)
-
-    def ffn_branch(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        """What the layer adds to the residual ``h`` [B, T, D] through its FFN: [B, T, D]."""
-        out = self.ffn_module(layer)(self.ffn_norm_module(layer)(h))
-        if self.ffn_post_norm is not None:
-            out = getattr(layer, self.ffn_post_norm)(out)
-        return out
 
     def ffn_weight_count(self, layer: nn.Module) -> int:
         """Matmul weights of one layer's FFN (biases and norms excluded)."""

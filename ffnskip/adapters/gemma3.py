@@ -16,5 +16,4 @@ ADAPTER = Adapter(
     layers_path="model.layers",
     ffn_norm="pre_feedforward_layernorm",
     ffn_post_norm="post_feedforward_layernorm",
-    residual="x = h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))",
 )

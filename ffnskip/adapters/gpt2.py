@@ -17,7 +17,5 @@ ADAPTER = Adapter(
     model_types=("gpt2",),
     layers_path="transformer.h",
     ffn_norm="ln_2",
-    residual="x = h + mlp(ln_2(h))",
-    gated=False,
     check=_check,
 )

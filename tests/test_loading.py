@@ -1,4 +1,4 @@
-"""Tests for ffnskip.models: name resolution, GGUF conversion and its cache, loading, dtypes.
+"""Tests for ffnskip.loading: name resolution, GGUF conversion and its cache, loading, dtypes.
 
 Most tests use a tiny GGUF written here and a private cache directory; the ``slow`` ones load the
 real SmolLM2 alias (converted once into the user's cache, ~40 s the first time, ~1 s after).
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ffnskip import models
-from ffnskip.models import (
+from ffnskip.loading import (
     ALIASES,
     DEFAULT_MODEL,
     ModelError,
@@ -291,7 +291,7 @@ def _leftovers(root):
 
 
 def test_gguf_converts_once_and_reuses_cache(tiny_gguf, cache_dir, monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger="ffnskip.models")
+    caplog.set_level(logging.INFO, logger="ffnskip.loading")
     info = resolve_model(str(tiny_gguf))
     assert info.kind == "gguf" and info.architecture == "llama"
     assert os.path.basename(info.cache_dir) == f"tiny-llama-{info.file_hash[:16]}"
