@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from ffnskip import models
+from ffnskip import loading as models
 from ffnskip.loading import (
     ALIASES,
     DEFAULT_MODEL,
