@@ -170,9 +170,9 @@ def estimate_adaptive_ratio(
             if k == 0:
                 continue
             eligible += 1
-            for layer in range(max(0, res.start - 1), res.end - 1):
+            for layer in res.test_layers:
                 if cos[layer][t] > tau:
-                    skipped += min(layer + k, res.end - 1) - layer
+                    skipped += len(res.run_after(layer, k))
                     fired += 1
                     break
     return (skipped / (L * tokens) if tokens else 0.0, fired / eligible if eligible else 0.0)

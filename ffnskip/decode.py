@@ -30,7 +30,7 @@ from torch import nn
 from .engine import SeqStats, SkipController
 from .fastpath import FastDecoder
 from .policy import SkipPolicy
-from .sync import to_host
+from .sync import to_host, upload
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,8 @@ class SequenceResult:
     finish_reason: str | None = None
     """``stop`` (EOS or a stop string), ``length`` or ``cancelled``."""
     stats: SeqStats | None = None
+    row: int = 0
+    """The row's id in its decode session (its index among the prompts of :func:`generate`)."""
     _emitted: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -213,9 +215,42 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 
 # ---------------------------------------------------------------------- text
-def _update_text(result: SequenceResult, tokenizer, stops: tuple[str, ...], final: bool) -> tuple[str, bool]:
-    """Re-detokenise; return (new final text, stop string hit)."""
-    full = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+class Detokenizer:
+    """Incremental detokenisation of one row: each new token decodes a short window of ids (the
+    prefix/read offsets of TGI and vLLM), not the whole row, and text is released only once it
+    no longer ends in an incomplete multi-byte character. ``text`` is what became final."""
+
+    __slots__ = ("tokenizer", "ids", "prefix", "read", "text")
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # ids[prefix:read] decode to text already released (context for the next)
+        self.read = 0
+        self.text = ""
+
+    def _window(self) -> tuple[str, str]:
+        dec = self.tokenizer.decode
+        return dec(self.ids[self.prefix : self.read], skip_special_tokens=True), dec(self.ids[self.prefix :], skip_special_tokens=True)
+
+    def push(self, token_id: int) -> None:
+        self.ids.append(token_id)
+        before, now = self._window()
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.text += now[len(before) :]
+            self.prefix, self.read = self.read, len(self.ids)
+
+    def flush(self) -> None:
+        """The row ended: release whatever is left (an incomplete character included)."""
+        before, now = self._window()
+        if len(now) > len(before):
+            self.text += now[len(before) :]
+        self.prefix = self.read = len(self.ids)
+
+
+def _update_text(result: SequenceResult, full: str, stops: tuple[str, ...], final: bool) -> tuple[str, bool]:
+    """``full``: the row's text so far. Returns (text that became final with this token, stop
+    string hit); holds back what could still begin a stop string."""
     hit = False
     if stops:
         lo = max(0, result._emitted - max(len(s) for s in stops))
@@ -223,16 +258,253 @@ def _update_text(result: SequenceResult, tokenizer, stops: tuple[str, ...], fina
         if cut >= 0:
             full, hit, final = full[:cut], True, True
     safe = len(full)
-    if not final:
-        if full.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-            safe = len(full.rstrip("\ufffd"))
-        if stops:
-            safe = min(safe, len(full) - (max(len(s) for s in stops) - 1))
+    if not final and stops:
+        safe = min(safe, len(full) - (max(len(s) for s in stops) - 1))
     safe = max(safe, result._emitted)
     delta = full[result._emitted : safe]
     result._emitted = safe
     result.text = full[:safe] if not final else full
     return delta, hit
+
+
+# ---------------------------------------------------------------------- the decode session
+@dataclass
+class _Row:
+    """One sequence of a session: what it was asked for and where it stands."""
+
+    id: int
+    result: SequenceResult
+    params: SamplingParams
+    eos: set[int]
+    generator: torch.Generator | None
+    detok: Detokenizer
+    start: int = 0
+    """Fast path: the cache column where its prompt begins (the columns before it are padding)."""
+    passes: int = 0
+    """Decode passes run for it (the pass that produces token t is pass t; the prompt pass gives 0)."""
+
+
+class DecodeSession:
+    """One running batch: the controller, the cache, the fast-path choice, masks and positions,
+    and the once-per-step read of the device. Shared by :func:`generate`, the teacher-forced
+    scoring of the evaluator and the server's batcher.
+
+    Rows are added with :meth:`add` and join at the next :meth:`step` (their prompt pass first;
+    a fresh or drained session prefills all waiting rows as one left-padded batch, a running one
+    on the fast path prefills the newcomers and appends them to the batch). Rows leave as soon
+    as they finish (EOS, their own ``max_new_tokens``, a stop string, cancellation): they are
+    dropped from the batch and compute nothing more. Each row has its own
+    :class:`SamplingParams`; skip decisions are per row (the controller's).
+
+    On the model's own forward (families without a fast-path layout) rows can join only a
+    drained session (:attr:`can_join`); until then they wait in :attr:`waiting`.
+
+    Host-device synchronisations per step: one, :func:`ffnskip.sync.to_host` of the sampled tokens
+    (with the lagged rule's cosines), plus the eager adaptive test's (see :mod:`ffnskip.engine`).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, policy: SkipPolicy | None = None, *, fast: bool | None = None,
+                 cache=None, cancelled: Callable[[int], bool] | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.policy = policy or SkipPolicy.dense()
+        self.fast = fast
+        self.cancelled = cancelled
+        """``cancelled(row_id)`` is asked after each token of a live row; True ends it (``cancelled``)."""
+        self.device = next(model.parameters()).device
+        self.context = context_length(model)
+        self.ctl = SkipController(model, self.policy, [], max_new_tokens=[])
+        self.rows: list[_Row] = []  # in batch order
+        self.waiting: list[_Row] = []
+        self.cache = None  # a transformers cache (the model's own forward) or a FastDecoder
+        self._given_cache = cache
+        self.mask: torch.Tensor | None = None  # [B, N] 1 = a real token
+        self.positions: torch.Tensor | None = None  # [B, 1] position of each row's last token
+        self.logits: torch.Tensor | None = None  # [B, V] each row's next-token distribution
+        self._tokens: torch.Tensor | None = None  # [B] sampled, waiting for their decode pass
+        self._ids = 0
+        self._pad_id = (getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None) or 0
+
+    # ------------------------------------------------------------------ rows
+    @property
+    def fast_path(self) -> bool:
+        return isinstance(self.cache, FastDecoder)
+
+    @property
+    def can_join(self) -> bool:
+        """Whether a row added now joins at the next step (else it waits for the batch to drain)."""
+        return not self.rows or self.fast_path
+
+    @property
+    def done(self) -> bool:
+        return not self.rows and not self.waiting
+
+    def add(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> SequenceResult:
+        """Queue one prompt; returns its result (filled live). Its row id is ``result.row``."""
+        params = params or SamplingParams()
+        prompt_ids = list(prompt_ids)
+        if not prompt_ids:
+            raise GenerationError("every prompt must have at least one token")
+        if self.context is not None and len(prompt_ids) + params.max_new_tokens > self.context:
+            raise GenerationError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                f"model's context of {self.context} tokens"
+            )
+        generator = None
+        if params.temperature > 0:  # one generator per row: its draws do not depend on its batch-mates
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        eos = set() if params.ignore_eos else eos_token_ids(self.model, self.tokenizer)
+        result = SequenceResult(prompt_ids=prompt_ids, row=self._ids)
+        self.waiting.append(_Row(self._ids, result, params, eos, generator, Detokenizer(self.tokenizer)))
+        self._ids += 1
+        return result
+
+    def admit(self) -> None:
+        """Prefill the waiting rows that can join now (see the class docstring)."""
+        if not self.waiting or not self.can_join:
+            return
+        rows, self.waiting = self.waiting, []
+        S = max(len(r.result.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), S), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), S), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r.result.prompt_ids)
+            ids[i, S - n :] = torch.tensor(r.result.prompt_ids, dtype=torch.long)
+            mask[i, S - n :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)  # [R, S]
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [R, S] positions count real tokens only
+        fresh = not self.rows
+        cache = (self._given_cache if fresh and self._given_cache is not None else None) or new_cache(self.model)
+        self._given_cache = None
+        pre = SkipController(self.model, self.policy, [r.result.prompt_ids for r in rows])
+        with pre.attached():
+            pre.begin_prefill()
+            logits = prefill(self.model, ids, mask, pos, cache)  # [R, V]
+        self.ctl.add_rows([r.result.prompt_ids for r in rows], [r.params.max_new_tokens for r in rows])
+        for i, r in enumerate(rows):
+            r.result.stats = self.ctl.stats[len(self.rows) + i]
+        longest = max(r.params.max_new_tokens for r in rows)
+        if fresh:
+            self.cache = cache
+            if self.fast is not False:
+                why_not = FastDecoder.supports(self.model, S + longest)
+                if why_not is None:
+                    self.cache = FastDecoder(self.model, len(rows), S + longest, padded=False)  # set below
+                    self.cache.load_prefill(cache)
+                elif self.fast:
+                    raise GenerationError(f"the fast decode path does not support this model: {why_not}")
+            for i, r in enumerate(rows):
+                r.start = S - len(r.result.prompt_ids)
+            self.rows, self.mask, self.positions, self.logits = rows, mask, pos[:, -1:], logits
+        else:  # fast path, running batch: the newcomers are right-aligned to the current column
+            fd: FastDecoder = self.cache
+            extra = max([r.params.max_new_tokens - r.passes for r in self.rows] + [longest])
+            shift = fd.join(cache, S, extra)
+            for r in self.rows:
+                r.start += shift
+            for i, r in enumerate(rows):
+                r.start = fd.length - len(r.result.prompt_ids)
+            old = self.mask
+            if shift:
+                old = torch.cat([old.new_zeros((old.shape[0], shift)), old], dim=1)
+            new = torch.cat([mask.new_zeros((len(rows), fd.length - S)), mask], dim=1)
+            self.mask = torch.cat([old, new])  # [B + R, N]
+            self.positions = torch.cat([self.positions, pos[:, -1:]])
+            self.logits = torch.cat([self.logits, logits])
+            self.rows = self.rows + rows
+        if self.fast_path:
+            self.cache.padded = any(r.start > 0 for r in self.rows)
+
+    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One decode pass: ``tokens`` [B] (one per row, on the device) -> next logits [B, V]."""
+        self.ctl.begin_step([r.passes + 1 for r in self.rows])
+        for r in self.rows:
+            r.passes += 1
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)  # [B, N + 1]
+        self.positions = self.positions + 1  # [B, 1]
+        if self.fast_path:
+            self.cache.reserve(self.cache.length + 1)
+            self.logits = decode_one_token(self.model, tokens[:, None], self.mask, self.positions, self.cache, self.ctl)
+        else:
+            with self.ctl.attached():
+                self.logits = decode_one_token(self.model, tokens[:, None], self.mask, self.positions, self.cache, self.ctl)
+        return self.logits
+
+    def _sample(self) -> torch.Tensor:
+        """Each row's next token from :attr:`logits` [B, V] with its own sampling -> [B]."""
+        if all(r.params.temperature == 0 for r in self.rows):
+            return self.logits.argmax(dim=-1)
+        return torch.cat([sample(self.logits[b : b + 1], r.params, r.generator) for b, r in enumerate(self.rows)])
+
+    def _leave(self, gone: list[int]) -> None:
+        """Rows at these batch positions left: drop them from the batch, its cache and state."""
+        keep = [b for b in range(len(self.rows)) if b not in gone]
+        self.rows = [self.rows[b] for b in keep]
+        self.ctl.keep_rows(keep)
+        if not keep:
+            self._tokens = None
+            return
+        idx = upload(keep, self.device)  # [K] (asynchronous)
+        self._tokens = self._tokens.index_select(0, idx)
+        self.positions = self.positions.index_select(0, idx)
+        self.mask = self.mask.index_select(0, idx)
+        if self.fast_path:
+            drop = min(r.start for r in self.rows)  # leading columns no kept row uses
+            self.cache.keep(idx, drop)
+            self.mask = self.mask[:, drop:]
+            for r in self.rows:
+                r.start -= drop
+            self.cache.padded = any(r.start > 0 for r in self.rows)
+        else:
+            for layer in self.cache.layers:
+                layer.batch_select_indices(idx)
+
+    def step(self) -> list[TokenEvent]:
+        """Run the pending decode pass, admit waiting rows, then produce one token for every row.
+
+        Returns one event per row (in batch order); rows that finished have left the batch."""
+        if self._tokens is not None and self.rows:
+            self.feed(self._tokens)
+            self._tokens = None
+        self.admit()
+        if not self.rows:
+            return []
+        tokens = self._sample()  # [B]
+        cosines = self.ctl.pending_cosines()  # lagged adaptive only: [B, M] on the device, else None
+        if cosines is None:
+            tokens_host = to_host(tokens)  # HOST SYNC: 1 per step (EOS, stop strings, text)
+        else:
+            # HOST SYNC: still 1 per step, the tokens and the step's cosines in one transfer
+            # (float64 holds every token id exactly).
+            packed = to_host(torch.cat([tokens[:, None].double(), cosines.double()], dim=1))  # [B][1 + M]
+            tokens_host = [int(row[0]) for row in packed]
+            self.ctl.accept_cosines([row[1:] for row in packed])
+        self.ctl.end_step([True] * len(self.rows), syncs=1)
+        events, gone = [], []
+        for b, r in enumerate(self.rows):
+            seq, tok = r.result, tokens_host[b]
+            is_eos = tok in r.eos
+            if not is_eos:
+                seq.token_ids.append(tok)
+                r.detok.push(tok)
+            done = is_eos or seq.stats.generated_tokens >= r.params.max_new_tokens
+            if done:
+                r.detok.flush()
+            delta, hit = _update_text(seq, r.detok.text, r.params.stop, final=done)
+            done = done or hit
+            cancel = not done and self.cancelled is not None and self.cancelled(r.id)
+            if done or cancel:
+                if cancel:
+                    r.detok.flush()
+                    _update_text(seq, r.detok.text, r.params.stop, final=True)
+                seq.finish_reason = "cancelled" if cancel else "stop" if (is_eos or hit) else "length"
+                gone.append(b)
+            events.append(TokenEvent(r.id, tok, delta, done or cancel, seq))
+        self._tokens = tokens
+        if gone:
+            self._leave(gone)
+        return events
 
 
 # ---------------------------------------------------------------------- generate
@@ -242,7 +514,7 @@ def generate(
     tokenizer,
     prompt_ids: Sequence[Sequence[int]],
     policy: SkipPolicy | None = None,
-    params: SamplingParams | None = None,
+    params: SamplingParams | Sequence[SamplingParams] | None = None,
     *,
     results: list[SequenceResult] | None = None,
     cache=None,
@@ -251,103 +523,37 @@ def generate(
 ) -> Iterator[TokenEvent]:
     """Generate for a batch of tokenised prompts, yielding every token as it is produced.
 
-    ``results`` (optional, filled in place) receives one :class:`SequenceResult` per prompt,
-    whose ``text`` and ``stats`` are final once the generator is exhausted. ``cache`` (optional)
-    is an empty transformers ``Cache`` to fill instead of a new ``DynamicCache``. ``fast``:
-    decode steps on the lean path of :mod:`ffnskip.fastpath` (None = whenever it supports the
-    model; then the prompt's K/V move to its pre-allocated cache after the prefill).
-    ``cancelled(row)`` (optional) is asked after each token of each live row; a row it answers
-    True for ends with ``finish_reason="cancelled"`` and computes nothing more (a server stops the
-    generation of a client that went away this way).
+    ``params``: one :class:`SamplingParams` for every row, or a list of one per row (each row
+    ends at its own ``max_new_tokens`` and stop strings). ``results`` (optional, filled in
+    place) receives one :class:`SequenceResult` per prompt, whose ``text`` and ``stats`` are
+    final once the generator is exhausted. ``cache`` (optional) is an empty transformers
+    ``Cache`` to fill instead of a new ``DynamicCache``. ``fast``: decode steps on the lean path of
+    :mod:`ffnskip.fastpath` (None = whenever it supports the model; then the prompt's K/V move to
+    its pre-allocated cache after the prefill). ``cancelled(row)`` (optional) is asked after
+    each token of each live row; a row it answers True for ends with
+    ``finish_reason="cancelled"`` and computes nothing more (a server stops the generation of a
+    client that went away this way). Runs on one :class:`DecodeSession`.
     """
-    policy = policy or SkipPolicy.dense()
-    params = params or SamplingParams()
-    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+    if not prompt_ids:
         raise GenerationError("every prompt must have at least one token")
-    ctx = context_length(model)
-    longest = max(len(p) for p in prompt_ids)
-    if ctx is not None and longest + params.max_new_tokens > ctx:
-        raise GenerationError(
-            f"prompt ({longest} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
-            f"model's context of {ctx} tokens"
-        )
-    device = next(model.parameters()).device
-    B = len(prompt_ids)
-    ctl = SkipController(model, policy, prompt_ids, max_new_tokens=params.max_new_tokens)
-    seqs = [SequenceResult(prompt_ids=list(p), stats=ctl.stats[i]) for i, p in enumerate(prompt_ids)]
+    per_row = _per_row(params, len(prompt_ids))
+    session = DecodeSession(model, tokenizer, policy, fast=fast, cache=cache, cancelled=cancelled)
+    seqs = [session.add(p, q) for p, q in zip(prompt_ids, per_row)]
     if results is not None:
         results.clear()
         results.extend(seqs)
-    eos = set() if params.ignore_eos else eos_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    generator = None
-    if params.temperature > 0:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+    session.admit()  # every row's prompt pass, as one batch
+    while not session.done:
+        yield from session.step()
 
-    # Left-pad the batch: input_ids / attention_mask [B, S]; positions count real tokens only.
-    S = longest
-    input_ids = torch.full((B, S), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, S), dtype=torch.long)
-    for i, p in enumerate(prompt_ids):
-        input_ids[i, S - len(p) :] = torch.tensor(p, dtype=torch.long)
-        attention_mask[i, S - len(p) :] = 1
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, S]
-    cache = new_cache(model) if cache is None else cache
-    active = [True] * B
-    ones = torch.ones((B, 1), dtype=attention_mask.dtype, device=device)
 
-    with ctl.attached():
-        ctl.begin_prefill()
-        logits = prefill(model, input_ids, attention_mask, position_ids, cache)  # [B, V]
-        step_cache = cache
-        if fast is not False:
-            why_not = FastDecoder.supports(model, S + params.max_new_tokens)
-            if why_not is None:
-                step_cache = FastDecoder(model, B, S + params.max_new_tokens, padded=min(map(len, prompt_ids)) < S)
-                step_cache.load_prefill(cache)
-            elif fast:
-                raise GenerationError(f"the fast decode path does not support this model: {why_not}")
-        t = 0
-        while True:
-            next_tokens = sample(logits, params, generator)  # [B]
-            cosines = ctl.pending_cosines()  # lagged adaptive only: [B, M] on the device, else None
-            if cosines is None:
-                tokens_host = to_host(next_tokens)  # HOST SYNC: 1 per step (EOS, stop strings, text)
-            else:
-                # HOST SYNC: still 1 per step, the tokens and the step's cosines in one transfer
-                # (float64 holds every token id exactly).
-                packed = to_host(torch.cat([next_tokens[:, None].double(), cosines.double()], dim=1))  # [B][1 + M]
-                tokens_host = [int(row[0]) for row in packed]
-                ctl.accept_cosines([row[1:] for row in packed])
-            ctl.end_step(active, syncs=1)
-            for r in range(B):
-                if not active[r]:
-                    continue
-                seq = seqs[r]
-                tok = tokens_host[r]
-                is_eos = tok in eos
-                if not is_eos:
-                    seq.token_ids.append(tok)
-                done = is_eos or t + 1 >= params.max_new_tokens
-                delta, hit = _update_text(seq, tokenizer, params.stop, final=done)
-                if hit:
-                    done = True
-                cancel = not done and cancelled is not None and cancelled(r)
-                if done or cancel:
-                    seq.finish_reason = "cancelled" if cancel else "stop" if (is_eos or hit) else "length"
-                    done = True
-                    active[r] = False
-                    ctl.finish(r)
-                yield TokenEvent(r, tok, delta, done, seq)
-            t += 1
-            if not any(active):
-                break
-            attention_mask = torch.cat([attention_mask, ones], dim=1)  # [B, S + t]
-            position_ids = position_ids[:, -1:] + 1  # [B, 1]
-            ctl.begin_step([t] * B)
-            logits = decode_one_token(model, next_tokens[:, None], attention_mask, position_ids, step_cache, ctl)
+def _per_row(params, n: int) -> list[SamplingParams]:
+    if params is None or isinstance(params, SamplingParams):
+        return [params or SamplingParams()] * n
+    params = list(params)
+    if len(params) != n or not all(isinstance(p, SamplingParams) for p in params):
+        raise GenerationError(f"params: one SamplingParams, or a list of {n} (one per prompt)")
+    return params
 
 
 def generate_text(

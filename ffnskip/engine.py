@@ -170,23 +170,25 @@ class SkipController:
         model: nn.Module,
         policy: SkipPolicy,
         prompt_ids: Sequence[Sequence[int]],
-        max_new_tokens: int = 0,
+        max_new_tokens: int | Sequence[int] = 0,
     ) -> None:
         self.model = model
+        self.policy = policy
         self.adapter: Adapter = get_adapter(model)
         self.layers = self.adapter.layers(model)
         self.num_layers = len(self.layers)
         self.resolved: ResolvedPolicy = policy.resolve(self.num_layers)
-        self.batch_size = len(prompt_ids)
-        self.stats = [SeqStats(self.num_layers, policy.warmup_tokens) for _ in prompt_ids]
-        self._rngs = [random.Random(sequence_seed(policy.seed, ids)) for ids in prompt_ids]
-        self.finished = [False] * self.batch_size
-        # Per-step state (host lists; B is small and decisions are per row).
-        self.max_new_tokens = max_new_tokens
-        self._skip: list[list[bool]] = [[False] * self.num_layers for _ in range(self.batch_size)]
+        # Per-row state (host lists; B is small and decisions are per row). Rows join with
+        # add_rows and leave with keep_rows (a running batch of the decode session).
+        self.stats: list[SeqStats] = []
+        self._rngs: list[random.Random] = []
+        self.finished: list[bool] = []
+        self._max_new: list[int] = []
+        self._skip: list[list[bool]] = []
+        self._budget: list[int] = []
+        self._cos_prev: list[list[float] | None] = []
         # Whole-layer baselines (shortgpt, skipdecode): the layer's output is replaced by its input.
         self._whole = policy.mode in ("shortgpt", "skipdecode")
-        self._budget: list[int] = [0] * self.batch_size
         self._any_skip = False
         self._testing = False
         self._h: torch.Tensor | None = None
@@ -198,14 +200,49 @@ class SkipController:
         self._lagged = policy.mode == "adaptive" and policy.lagged and policy.threshold <= 1.0 + 1e-6
         self._recording = False
         self._cos_dev: dict[int, torch.Tensor] = {}
-        self._cos_prev: list[list[float] | None] = [None] * self.batch_size
         # The skip plan as device row indices per layer (see row_split); None = to be rebuilt.
         self.device = next(model.parameters()).device
         self._splits: list[RowSplit] | None = None
+        if isinstance(max_new_tokens, int):
+            max_new_tokens = [max_new_tokens] * len(prompt_ids)
+        self.add_rows(prompt_ids, max_new_tokens)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.stats)
+
+    @property
+    def max_new_tokens(self) -> list[int]:
+        """Each row's generation length (position-based schedules depend on it)."""
+        return list(self._max_new)
+
+    def add_rows(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: Sequence[int]) -> None:
+        """Rows join the batch (after the existing ones), each before its prompt pass."""
+        if len(max_new_tokens) != len(prompt_ids):
+            raise ValueError("one max_new_tokens per prompt")
+        for ids, n in zip(prompt_ids, max_new_tokens):
+            self.stats.append(SeqStats(self.num_layers, self.policy.warmup_tokens))
+            self._rngs.append(random.Random(sequence_seed(self.policy.seed, ids)))
+            self.finished.append(False)
+            self._max_new.append(int(n))
+            # the prompt pass's plan (what its token 0 is accounted with): dense, or shortgpt's removal
+            self._skip.append([self.resolved.mode == "shortgpt" and i in self.resolved.removed for i in range(self.num_layers)])
+            self._budget.append(0)
+            self._cos_prev.append(None)
+        self._any_skip = self._any_skip or (self.resolved.mode == "shortgpt" and bool(self.resolved.removed) and bool(prompt_ids))
+        self._splits = None
+
+    def keep_rows(self, rows: Sequence[int]) -> None:
+        """Only ``rows`` stay in the batch, in this order (the others left: finished, cancelled)."""
+        for name in ("stats", "_rngs", "finished", "_max_new", "_skip", "_budget", "_cos_prev"):
+            values = getattr(self, name)
+            setattr(self, name, [values[r] for r in rows])
+        self._any_skip = any(any(s) for s in self._skip)
+        self._splits = None
 
     # ------------------------------------------------------------------ schedule
     def begin_prefill(self) -> None:
-        """The prompt pass: every layer dense, no tests (it produces token 0).
+        """The prompt pass of every row: every layer dense, no tests (it produces token 0).
 
         Only ``shortgpt`` differs: its layers are removed from the model, the prompt included.
         """
@@ -213,11 +250,11 @@ class SkipController:
         self._testing = False
         self._recording = False
         self._any_skip = False
-        if self.resolved.mode == "shortgpt":
-            for r in range(self.batch_size):
-                for i in self.resolved.removed:
-                    self._skip[r][i] = True
-            self._any_skip = bool(self.resolved.removed)
+        for r in range(self.batch_size):
+            skip = self._skip[r]
+            for i in range(self.num_layers):
+                skip[i] = self.resolved.mode == "shortgpt" and i in self.resolved.removed
+        self._any_skip = self.resolved.mode == "shortgpt" and bool(self.resolved.removed)
         self._step_syncs = 0
         self._splits = None
 
@@ -264,7 +301,7 @@ class SkipController:
                     skip[i] = True
                 any_skip = True
             elif mode == "skipdecode":
-                for i in res.skipdecode_layers(token_index[r], self.max_new_tokens):
+                for i in res.skipdecode_layers(token_index[r], self._max_new[r]):
                     skip[i] = True
                     any_skip = True
         self._any_skip = any_skip
@@ -278,9 +315,8 @@ class SkipController:
     def _start_run(self, r: int, after: int, k: int) -> None:
         """Row ``r``'s run of at most ``k`` skipped FFNs, starting after the test at layer
         ``after``; a run never enters the cold end (layers >= the band's end)."""
-        last = min(after + k, self.resolved.end - 1)
         skip = self._skip[r]
-        for i in range(after + 1, last + 1):
+        for i in self.resolved.run_after(after, k):
             skip[i] = True
         self.stats[r].trigger_layers[after] += 1
         self._splits = None
@@ -293,7 +329,7 @@ class SkipController:
             return False
         res = self.resolved
         tau = res.policy.threshold
-        for j in range(max(0, res.start - 1), res.end - 1):  # tests after layer j start runs at j + 1
+        for j in res.test_layers:  # tests after layer j start runs at j + 1
             if prev[j] > tau:  # nan (not measured) never fires
                 self._start_run(r, j, k)
                 return True
@@ -405,7 +441,7 @@ class SkipController:
     def observe(self, layer: int, h: torch.Tensor, x: torch.Tensor) -> None:
         """The adaptive test after ``layer``: h, x [B, T, D] = residual before / after its FFN."""
         res = self.resolved
-        if not (res.start <= layer + 1 < res.end):
+        if layer not in res.test_layers:
             return
         if self._recording:  # lagged: record on the device, decide at the next step
             cos = F.cosine_similarity(h[:, -1].float(), x[:, -1].float(), dim=-1)  # [B]

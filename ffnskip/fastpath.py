@@ -29,8 +29,15 @@ dense decodes must key on it.
   to q and k in one elementwise pass (the same operations per element as transformers');
 * the skip decisions are the shared :class:`~ffnskip.engine.SkipController`'s.
 
-Families or settings it does not cover (Gemma 3, GPT-2, sliding windows that bind, a non-SDPA
-attention implementation) use the model's own forward instead (``FastDecoder.supports``).
+Which families it covers, and where their parts are, is the adapters' business: a family whose
+adapter carries a :class:`~ffnskip.adapters.FastLayout` runs here. Families without one (Gemma 3,
+GPT-2) and settings it does not cover (sliding windows that bind, a non-SDPA attention, another
+activation) use the model's own forward instead (``FastDecoder.supports`` says why).
+
+The cache is one pre-allocated [B, H_kv, capacity, hd] tensor per layer whose columns all rows
+share: a row that joins a running batch (:meth:`FastDecoder.join`) is right-aligned to the
+current column, the columns before its prompt are padding (masked), and rows that leave are
+dropped (:meth:`FastDecoder.keep`), with the leading columns no row uses any more.
 """
 
 from __future__ import annotations
@@ -42,13 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import get_adapter
+from .adapters import FastLayout, UnsupportedArchitecture, get_adapter
+from .adapters.base import get_path
 from .engine import SkipController
 
 log = logging.getLogger(__name__)
-
-FAST_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """LLaMA RMSNorm (``LlamaRMSNorm.forward``): in fp32 ATen's fused kernel (one op instead of
@@ -224,29 +229,28 @@ def _bias(*linears: nn.Module) -> torch.Tensor | None:
     return torch.cat(parts).contiguous()
 
 
-def _layer_panels(layer: nn.Module, p: int) -> tuple:
+def _layer_panels(layer: nn.Module, lay: FastLayout, ffn: nn.Module, p: int) -> tuple:
     """A layer's matmul weights (and biases) as panels, built once per model and panel count and
     kept on the layer (rebuilt if its weights are replaced, e.g. by a new checkpoint)."""
-    a, m = layer.self_attn, layer.mlp
-    key = (p, a.q_proj.weight, a.o_proj.weight, m.gate_proj.weight, m.down_proj.weight)
+    a = get_path(layer, lay.attn)
+    q, k, v, o = (get_path(a, n) for n in (lay.q, lay.k, lay.v, lay.o))
+    gate, up, down = (get_path(ffn, n) for n in (lay.gate, lay.up, lay.down))
+    key = (p, q.weight, o.weight, gate.weight, down.weight)
     cached = getattr(layer, "_ffnskip_panels", None)
     if cached is None or cached[0][0] != p or any(x is not y for x, y in zip(cached[0][1:], key[1:])):
         with torch.no_grad():
-            qkv = _Mat(
-                _panels(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), p),
-                _bias(a.q_proj, a.k_proj, a.v_proj),
-            )
-            gate_up = _Mat(_panels(torch.cat([m.gate_proj.weight, m.up_proj.weight]), p), _bias(m.gate_proj, m.up_proj))
-            o = _Mat(_panels(a.o_proj.weight, p), _bias(a.o_proj))
-            down = _Mat(_panels(m.down_proj.weight, p), _bias(m.down_proj))
-        cached = (key, qkv, o, gate_up, down)
+            qkv = _Mat(_panels(torch.cat([q.weight, k.weight, v.weight]), p), _bias(q, k, v))
+            gate_up = _Mat(_panels(torch.cat([gate.weight, up.weight]), p), _bias(gate, up))
+            o_mat = _Mat(_panels(o.weight, p), _bias(o))
+            down_mat = _Mat(_panels(down.weight, p), _bias(down))
+        cached = (key, qkv, o_mat, gate_up, down_mat)
         layer._ffnskip_panels = cached
     return cached[1:]
 
 
-def _head_panels(model: nn.Module, p: int) -> tuple[_Mat, torch.Tensor | None]:
+def _head_panels(model: nn.Module, lay: FastLayout, p: int) -> tuple[_Mat, torch.Tensor | None]:
     """The LM head as panels [p, D, V/p] (and its bias), cached on the model like the layers'."""
-    head = model.lm_head
+    head = get_path(model, lay.lm_head)
     cached = getattr(model, "_ffnskip_head", None)
     if cached is None or cached[0] is not head.weight or cached[1] != p:
         with torch.no_grad():
@@ -262,8 +266,13 @@ class FastDecoder:
     def supports(model: nn.Module, max_len: int) -> str | None:
         """None if the fast path applies, else the reason it does not."""
         cfg = model.config
-        if cfg.model_type not in FAST_MODEL_TYPES:
-            return f"model type {cfg.model_type}"
+        try:
+            adapter = get_adapter(model)
+        except UnsupportedArchitecture as exc:
+            return str(exc)
+        lay = adapter.fast
+        if lay is None:
+            return f"the {adapter.family} family has no fast-path layout"
         if getattr(cfg, "_attn_implementation", "sdpa") != "sdpa":
             return f"attention implementation {cfg._attn_implementation}"
         window = getattr(cfg, "sliding_window", None)
@@ -273,50 +282,70 @@ class FastDecoder:
             return f"activation {cfg.hidden_act}"
         if getattr(cfg, "pretraining_tp", 1) not in (None, 1):
             return f"pretraining_tp={cfg.pretraining_tp}"
-        layer = get_adapter(model).layers(model)[0]
-        a, m = layer.self_attn, getattr(layer, "mlp", None)
-        for owner, names in ((a, ("q_proj", "k_proj", "v_proj", "o_proj")), (m, ("gate_proj", "up_proj", "down_proj"))):
-            for name in names:
-                if not isinstance(getattr(owner, name, None), nn.Linear):
-                    return f"an unexpected layer layout (no linear {name})"
+        layer = adapter.layers(model)[0]
+        try:
+            a, ffn = get_path(layer, lay.attn), adapter.ffn_module(layer)
+            for owner, names in ((a, (lay.q, lay.k, lay.v, lay.o)), (ffn, (lay.gate, lay.up, lay.down))):
+                for name in names:
+                    if not isinstance(get_path(owner, name), nn.Linear):
+                        return f"an unexpected layer layout (no linear {name})"
+            for name in (lay.embed, lay.rotary, lay.final_norm, lay.lm_head):
+                get_path(model, name)
+        except AttributeError as exc:
+            return f"an unexpected layer layout ({exc})"
         return None
 
     def __init__(self, model: nn.Module, batch_size: int, max_len: int, padded: bool) -> None:
         self.model = model
-        self.padded = padded  # some prompt is left-padded: attention needs a mask
+        self.padded = padded  # some row is left-padded: attention needs the mask
         cfg = model.config
-        layers = get_adapter(model).layers(model)
-        attn0 = layers[0].self_attn
+        adapter = get_adapter(model)
+        self.lay = lay = adapter.fast
+        layers = adapter.layers(model)
+        attn0 = get_path(layers[0], lay.attn)
         self.head_dim = attn0.head_dim
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.n_rep = self.n_heads // self.n_kv
         self.scaling = attn0.scaling
         self.eps = cfg.rms_norm_eps
+        self.embed = get_path(model, lay.embed)
+        self.rotary = get_path(model, lay.rotary)
+        self.final_norm = get_path(model, lay.final_norm)
         p = next(model.parameters())
         self.panels = panel_count(p.device)
-        self.layers = [self._pack(layer) for layer in layers]
-        self.head = _head_panels(model, self.panels)  # ([p, D, V/p], bias)
+        self.layers = [self._pack(adapter, layer) for layer in layers]
+        self.head = _head_panels(model, lay, self.panels)  # ([p, D, V/p], bias)
         shape = (batch_size, self.n_kv, max_len, self.head_dim)
         self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in layers]  # per layer [B, Hkv, N, hd]
         self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in layers]
-        self.length = 0  # filled columns of the cache
+        self.length = 0  # filled columns of the cache (shared by every row)
 
-    def _pack(self, layer: nn.Module) -> _Layer:
-        qkv, o, gate_up, down = _layer_panels(layer, self.panels)
-        a = layer.self_attn
+    def _pack(self, adapter, layer: nn.Module) -> _Layer:
+        lay = self.lay
+        qkv, o, gate_up, down = _layer_panels(layer, lay, adapter.ffn_module(layer), self.panels)
+        a = get_path(layer, lay.attn)
         qk_norm = None
-        if hasattr(a, "q_norm"):  # one [H + Hkv, hd] weight: q and k heads normalised in one pass
-            qk_norm = torch.cat([a.q_norm.weight.expand(self.n_heads, -1), a.k_norm.weight.expand(self.n_kv, -1)])
+        if hasattr(a, lay.q_norm):  # one [H + Hkv, hd] weight: q and k heads normalised in one pass
+            qn, kn = get_path(a, lay.q_norm), get_path(a, lay.k_norm)
+            qk_norm = torch.cat([qn.weight.expand(self.n_heads, -1), kn.weight.expand(self.n_kv, -1)])
         return _Layer(
-            in_norm=layer.input_layernorm.weight,
-            post_norm=layer.post_attention_layernorm.weight,
+            in_norm=get_path(layer, lay.attn_norm).weight,
+            post_norm=adapter.ffn_norm_module(layer).weight,
             qkv=qkv,
             o=o,
             gate_up=gate_up,
             down=down,
             qk_norm=qk_norm,
         )
+
+    @property
+    def rows(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
 
     def load_prefill(self, cache) -> None:
         """Copy the prompt's K/V from a transformers cache into the pre-allocated one."""
@@ -325,6 +354,49 @@ class FastDecoder:
             self.k[i][:, :, :n] = layer.keys
             self.v[i][:, :, :n] = layer.values
         self.length = cache.layers[0].keys.shape[-2]
+
+    def reserve(self, columns: int) -> None:
+        """Make room for ``columns`` cache columns (grown by at least half, copied once)."""
+        if columns <= self.capacity:
+            return
+        cap = max(columns, self.capacity + self.capacity // 2)
+        for kv in (self.k, self.v):
+            for i, t in enumerate(kv):
+                grown = t.new_zeros((t.shape[0], t.shape[1], cap, t.shape[3]))  # [B, Hkv, cap, hd]
+                grown[:, :, : self.length] = t[:, :, : self.length]
+                kv[i] = grown
+
+    def join(self, cache, n: int, extra: int) -> int:
+        """Rows prefilled on their own join the batch: ``cache`` holds their K/V ([R, Hkv, n, hd]
+        per layer), right-aligned to the current column; ``extra`` columns are reserved for what
+        the batch will still decode. Returns how many columns the existing rows moved right (a
+        prompt longer than the batch so far), so that the caller shifts their mask alike."""
+        shift = max(0, n - self.length)
+        length = self.length + shift
+        R = cache.layers[0].keys.shape[0]
+        cap = max(self.capacity, length + extra)
+        for kv, name in ((self.k, "keys"), (self.v, "values")):
+            for i, t in enumerate(kv):
+                out = t.new_zeros((t.shape[0] + R, t.shape[1], cap, t.shape[3]))  # [B + R, Hkv, cap, hd]
+                out[: t.shape[0], :, shift:length] = t[:, :, : self.length]
+                out[t.shape[0] :, :, length - n : length] = getattr(cache.layers[i], name)
+                kv[i] = out
+        self.length = length
+        return shift
+
+    def keep(self, rows: torch.Tensor, drop_columns: int = 0) -> None:
+        """Keep only ``rows`` ([K] device indices) of the batch, and drop the first
+        ``drop_columns`` columns (padding for every kept row)."""
+        n = self.length - drop_columns
+        for kv in (self.k, self.v):
+            for i, t in enumerate(kv):
+                kept = t.index_select(0, rows)  # [K, Hkv, cap, hd]
+                if drop_columns:
+                    moved = torch.zeros_like(kept)
+                    moved[:, :, :n] = kept[:, :, drop_columns : self.length]
+                    kept = moved
+                kv[i] = kept
+        self.length = n
 
     def _mlp(self, lw: _Layer, h: torch.Tensor) -> torch.Tensor:
         """FFN branch on h [R, 1, D] -> [R, 1, D]."""
@@ -351,8 +423,8 @@ class FastDecoder:
         hd, H, Hkv = self.head_dim, self.n_heads, self.n_kv
         col = self.length
         self.length += 1
-        x = model.model.embed_tokens(tokens)  # [B, 1, D]
-        cos, sin = model.model.rotary_emb(x, position_ids=position_ids)  # [B, 1, hd] each
+        x = self.embed(tokens)  # [B, 1, D]
+        cos, sin = self.rotary(x, position_ids=position_ids)  # [B, 1, hd] each
         # q and k heads side by side: [B, H + Hkv, hd]; cos/sin broadcast over heads
         # No padding: no mask, GQA inside SDPA. Padding: a boolean mask [B, 1, 1, N] and the
         # query heads packed per K/V head, as transformers' SDPA integration does.
@@ -390,7 +462,7 @@ class FastDecoder:
                 x = x_in if split.keep is None else x.index_copy(0, split.skip, x_in.index_select(0, split.skip))
             if ctl.testing:
                 ctl.observe(i, h, x)
-        x = model.model.norm(x)  # [B, 1, D]
+        x = self.final_norm(x)  # [B, 1, D]
         head, bias = self.head
         logits = head(x)[:, -1, :]  # [B, V]
         return logits if bias is None else logits + bias

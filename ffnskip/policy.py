@@ -235,6 +235,17 @@ class ResolvedPolicy:
             return 0
         return self.budget
 
+    @property
+    def test_layers(self) -> range:
+        """Layers after which the adaptive test may start a run: ``start - 1 .. end - 2`` (a run
+        starts at the next layer, inside the band)."""
+        return range(max(0, self.start - 1), self.end - 1)
+
+    def run_after(self, layer: int, k: int) -> range:
+        """The FFNs a run of budget ``k`` skips when the test after ``layer`` fires: layers
+        ``layer + 1 ..``, at most ``k`` of them, never into the cold end (``>= end``)."""
+        return range(layer + 1, min(layer + k, self.end - 1) + 1)
+
     def skipdecode_layers(self, t: int, max_new_tokens: int) -> range:
         """SkipDecode's position-based schedule: whole layers skipped for generated token ``t``.
 

@@ -1,16 +1,15 @@
 """The replica's engine loop: requests from many clients batched into :func:`ffnskip.generate`.
 
 One engine thread per replica. It takes the oldest waiting request, waits up to ``batch_wait_s``
-for more, and runs every compatible waiting request (same skip policy and sampling settings, up to
-``max_batch_size``) as one ``generate`` batch; skip decisions stay per sequence (per row), as
-the engine makes them. Each row's tokens go to its request's asyncio queue as they are produced.
-Requests arriving while a batch runs wait for the next batch (no joining mid-batch: ``generate``
-runs a fixed batch from start to end).
+for more, and runs every compatible waiting request (same skip policy, up to
+``max_batch_size``) as one ``generate`` batch on one decode session; skip decisions stay per
+sequence (per row), as the engine makes them, and so do sampling settings, ``max_tokens`` and
+stop strings (one :class:`SamplingParams` per row: a row ends at its own limit and leaves the
+batch). Each row's tokens go to its request's asyncio queue as they are produced. Requests
+arriving while a batch runs wait for the next batch (no joining mid-batch yet).
 
-Rows may ask for different ``max_tokens``: the batch runs to the largest and a row whose own
-limit comes first is ended through ``generate``'s ``cancelled`` callback (it computes nothing
-more; its text is completed here). A cancelled row (client gone, timeout) ends the same way at
-its next token; a batch whose rows are all finished or cancelled stops.
+A cancelled row (client gone, timeout) ends through ``generate``'s ``cancelled`` callback at its
+next token and computes nothing more; a batch whose rows are all finished or cancelled stops.
 
 A failure inside a batch is reported to that batch's requests; the loop itself keeps running.
 """
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import dataclasses
 import json
 import logging
 import threading
@@ -126,24 +124,9 @@ class GenRequest:
             pass
 
     def group_key(self) -> tuple:
-        """Requests with equal keys may share a batch."""
-        p = self.params
-        sampling = (p.temperature, p.top_p, p.top_k) if p.temperature > 0 else (0.0,)
-        # A seeded sampling request runs alone: its draws must not depend on its batch-mates.
-        seed = id(self) if p.temperature > 0 and p.seed is not None else None
-        pol = self.entry.policy
-        # skipdecode's schedule depends on max_new_tokens; everything else only on the row.
-        mnt = p.max_new_tokens if pol.mode == "skipdecode" else None
-        return (json.dumps(pol.to_dict(), sort_keys=True), sampling, p.stop, p.ignore_eos, seed, mnt)
-
-
-def _final_text(tokenizer, token_ids: list[int], stops: tuple[str, ...]) -> tuple[str, bool]:
-    """The complete text of a row ended at its own ``max_tokens`` (nothing held back)."""
-    full = tokenizer.decode(token_ids, skip_special_tokens=True)
-    cuts = [i for i in (full.find(s) for s in stops) if i >= 0]
-    if cuts:
-        return full[: min(cuts)], True
-    return full, False
+        """Requests with equal keys may share a batch: the same skip policy (sampling settings,
+        lengths and stop strings are per row; a seeded row draws from its own generator)."""
+        return (json.dumps(self.entry.policy.to_dict(), sort_keys=True),)
 
 
 class BatchEngine:
@@ -281,21 +264,15 @@ class BatchEngine:
         self.batches += 1
         if self._on_batch is not None:
             self._on_batch(B)
-        most = max(r.params.max_new_tokens for r in batch)
-        params = dataclasses.replace(batch[0].params, max_new_tokens=most)
         done = [False] * B
         count = [0] * B
-        sent = [""] * B
-        results: list = []
 
         def stop_row(i: int) -> bool:
-            """Asked by ``generate`` after each token of a live row: end a cancelled row, or a row
-            at its own ``max_tokens`` (the batch runs to the largest); the row computes no more."""
-            r = batch[i]
-            return r.cancelled or results[i].stats.generated_tokens >= r.params.max_new_tokens
+            """Asked by ``generate`` after each token of a live row: end a cancelled row."""
+            return batch[i].cancelled
 
         gen = self._generate(self.model, self.tokenizer, [r.prompt_ids for r in batch], batch[0].entry.policy,
-                             params, results=results, cancelled=stop_row)
+                             [r.params for r in batch], cancelled=stop_row)
         try:
             for ev in gen:
                 i = ev.row
@@ -306,22 +283,11 @@ class BatchEngine:
                     done[i] = True
                 else:
                     count[i] += 1
-                    reason = ev.result.finish_reason if ev.finished else None
-                    if reason is not None and reason != "cancelled":  # EOS, stop string, batch length
+                    r._post(TokenItem(ev.delta, time.monotonic()))
+                    if ev.finished:  # EOS, a stop string, its own max_tokens
                         done[i] = True
-                        r._post(TokenItem(ev.delta, time.monotonic()))
-                        r._post(DoneItem("", ev.result.text, reason, count[i], copy.deepcopy(ev.result.stats)))
-                    elif count[i] >= r.params.max_new_tokens:  # its own limit (ended by stop_row)
-                        done[i] = True
-                        text, hit = _final_text(self.tokenizer, ev.result.token_ids, r.params.stop)
-                        before = sent[i] + ev.delta
-                        tail = text[len(before):] if text.startswith(before) else ""
-                        r._post(TokenItem(ev.delta, time.monotonic()))
-                        r._post(DoneItem(tail, text, "stop" if hit else "length", count[i],
+                        r._post(DoneItem("", ev.result.text, ev.result.finish_reason, count[i],
                                          copy.deepcopy(ev.result.stats)))
-                    else:
-                        sent[i] += ev.delta
-                        r._post(TokenItem(ev.delta, time.monotonic()))
                 if self._stop:
                     raise EngineClosed("the server is shutting down")
                 if all(done[j] or batch[j].cancelled for j in range(B)):

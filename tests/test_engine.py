@@ -405,8 +405,8 @@ class _FFNRows:
         orig_mlp, orig_pack = FastDecoder._mlp, FastDecoder._pack
         counter = self
 
-        def pack(fd, layer):
-            lw = orig_pack(fd, layer)
+        def pack(fd, adapter, layer):
+            lw = orig_pack(fd, adapter, layer)
             counter.fast_layers[id(lw)] = index[id(layer)]
             return lw
 

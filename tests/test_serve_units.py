@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from tiny import TinyTokenizer, tiny_model
 
 from ffnskip import SamplingParams, SkipPolicy, generate, generate_text
 from ffnskip.cli import main as cli_main
@@ -16,7 +17,6 @@ from serve import policies
 from serve.config import ServeArgs
 from serve.engine_loop import BatchEngine, DoneItem, ErrorItem, GenRequest, Overloaded, TokenItem
 from serve.protocol import APIError, parse_chat, parse_completion, parse_json_body, parse_sse
-from tiny import TinyTokenizer, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SKIPPY = SkipPolicy(mode="adaptive", threshold=-1, warmup_tokens=1, skip_budget=2, dense_every=0)
@@ -222,18 +222,16 @@ def test_queue_bound_overloads_and_a_failing_batch_does_not_kill_the_engine(tiny
 
 
 def test_batch_grouping_keys():
-    greedy = [GenRequest([1], SamplingParams(temperature=0, seed=s, top_p=p), _entry(SKIPPY))
-              for s, p in ((1, 1.0), (2, 0.5), (None, 1.0))]
-    assert len({r.group_key() for r in greedy}) == 1  # seed and top_p do not matter for greedy rows
-    seeded = [GenRequest([1], SamplingParams(temperature=0.7, seed=3), _entry(SKIPPY)) for _ in range(2)]
-    assert seeded[0].group_key() != seeded[1].group_key()  # seeded sampling runs alone (reproducible)
-    unseeded = [GenRequest([1], SamplingParams(temperature=0.7, max_new_tokens=n), _entry(SKIPPY)) for n in (3, 9)]
-    assert unseeded[0].group_key() == unseeded[1].group_key()
+    """Only the skip policy separates batches: sampling, seeds, lengths and stop strings are per row
+    (a seeded row draws from its own generator, so its batch-mates do not change its draws)."""
+    mixed = [GenRequest([1], SamplingParams(temperature=t, seed=s, top_p=p, max_new_tokens=n, stop=st), _entry(SKIPPY))
+             for t, s, p, n, st in ((0, 1, 1.0, 3, ()), (0.7, 3, 0.5, 9, ("x",)), (0.7, None, 1.0, 5, ()))]
+    assert len({r.group_key() for r in mixed}) == 1
     other = GenRequest([1], SamplingParams(temperature=0), _entry(SkipPolicy.dense()))
-    assert other.group_key() != greedy[0].group_key()
+    assert other.group_key() != mixed[0].group_key()
     sd = [GenRequest([1], SamplingParams(temperature=0, max_new_tokens=n), _entry(SkipPolicy(mode="skipdecode")))
           for n in (3, 9)]
-    assert sd[0].group_key() != sd[1].group_key()
+    assert sd[0].group_key() == sd[1].group_key()  # its schedule reads each row's own max_new_tokens
 
 
 # ---------------------------------------------------------------------- HTTP over a tiny model

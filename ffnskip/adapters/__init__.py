@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import gemma3, gpt2, llama, mistral, qwen
-from .base import Adapter
+from .base import LLAMA_LAYOUT, Adapter, FastLayout
 
 ADAPTERS: tuple[Adapter, ...] = (llama.ADAPTER, mistral.ADAPTER, qwen.ADAPTER, gemma3.ADAPTER, gpt2.ADAPTER)
 _BY_TYPE = {t: a for a in ADAPTERS for t in a.model_types}
@@ -35,4 +35,4 @@ def get_adapter(model_or_config) -> Adapter:
     return adapter
 
 
-__all__ = ["Adapter", "ADAPTERS", "SUPPORTED_MODEL_TYPES", "UnsupportedArchitecture", "get_adapter"]
+__all__ = ["Adapter", "FastLayout", "LLAMA_LAYOUT", "ADAPTERS", "SUPPORTED_MODEL_TYPES", "UnsupportedArchitecture", "get_adapter"]

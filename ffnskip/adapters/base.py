@@ -22,6 +22,44 @@ import torch
 from torch import nn
 
 
+def get_path(obj, dotted: str):
+    """``obj.a.b.c`` for ``dotted = "a.b.c"``."""
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass(frozen=True)
+class FastLayout:
+    """Where the lean decode step (:mod:`ffnskip.fastpath`) finds a LLaMA-layout model's parts:
+    a pre-norm decoder, RoPE attention with q/k/v/o linears (optionally per-head q/k RMSNorms,
+    Qwen3), a gated SiLU MLP. Names are dotted paths from the CausalLM model (``embed``,
+    ``rotary``, ``final_norm``, ``lm_head``), from a decoder layer (``attn_norm``, ``attn``) or from
+    the attention / FFN module (the projections). The FFN and its norm are the adapter's own."""
+
+    embed: str = "model.embed_tokens"
+    rotary: str = "model.rotary_emb"
+    """The model's rotary module, called as ``rotary(x, position_ids=...)`` -> ``(cos, sin)``."""
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    attn_norm: str = "input_layernorm"
+    attn: str = "self_attn"
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    o: str = "o_proj"
+    q_norm: str = "q_norm"
+    """Per-head RMSNorm of q before RoPE, used where the attention module has it (Qwen3)."""
+    k_norm: str = "k_norm"
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+
+
+#: The layout shared by LLaMA, SmolLM2, Mistral, Qwen2 and Qwen3 in transformers.
+LLAMA_LAYOUT = FastLayout()
+
+
 @dataclass(frozen=True)
 class Adapter:
     family: str
@@ -38,12 +76,11 @@ class Adapter:
     """Attribute of a decoder layer: a norm applied to the FFN output before the add (Gemma 3)."""
     check: Callable[[object], None] | None = field(default=None, compare=False)
     """Optional config check: raises ``ValueError`` for variants the adapter cannot drive."""
+    fast: FastLayout | None = None
+    """The family's layout for the lean decode step, or None: decode on the model's own forward."""
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
-        obj = model
-        for part in self.layers_path.split("."):
-            obj = getattr(obj, part)
-        return obj
+        return get_path(model, self.layers_path)
 
     def ffn_module(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.ffn)

@@ -4,11 +4,12 @@
     x = h + mlp(post_attention_layernorm(h))
 """
 
-from .base import Adapter
+from .base import LLAMA_LAYOUT, Adapter
 
 ADAPTER = Adapter(
     family="mistral",
     model_types=("mistral",),
     layers_path="model.layers",
     ffn_norm="post_attention_layernorm",
+    fast=LLAMA_LAYOUT,
 )
