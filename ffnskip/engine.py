@@ -39,7 +39,7 @@ import logging
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -133,10 +133,38 @@ class RowSplit:
 
     @property
     def none(self) -> bool:
+        """No row skips."""
         return not self.skipping
+
+    @property
+    def all(self) -> bool:
+        """Every row skips."""
+        return bool(self.skipping) and self.keep is None
 
 
 _NO_SPLIT = RowSplit()
+
+
+def ffn_rows(split: RowSplit, x: torch.Tensor, ffn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The skip applied (both decode paths): ``ffn`` runs on the rows of ``x`` [B, T, D] that do
+    not skip it, gathered into [K, T, D]; the rows that skip get zeros, so a residual add leaves
+    them unchanged."""
+    if split.none:
+        return ffn(x)
+    if split.keep is None:
+        return torch.zeros_like(x)  # [B, T, D]: nobody runs it
+    out = torch.zeros_like(x)  # [B, T, D]
+    return out.index_copy_(0, split.keep, ffn(x.index_select(0, split.keep)))
+
+
+def skip_whole_layer(split: RowSplit, x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
+    """Whole-layer baselines (both decode paths): the rows that skip the layer get its input
+    ``x_in`` back instead of its output ``x_out`` [B, T, D]."""
+    if split.none:
+        return x_out
+    if split.keep is None:
+        return x_in
+    return x_out.index_copy(0, split.skip, x_in.index_select(0, split.skip))
 
 
 def sequence_seed(seed: int, prompt_ids: Sequence[int]) -> int:
@@ -470,13 +498,7 @@ class SkipController:
     def _make_ffn_forward(self, layer: int, orig):
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             # x: [B, T, D] normed residual entering the FFN
-            split = self.row_split(layer)
-            if split.none:
-                return orig(x, *args, **kwargs)
-            if split.keep is None:
-                return torch.zeros_like(x)  # [B, T, D]: nobody runs this FFN
-            out = torch.zeros_like(x)  # [B, T, D]
-            return out.index_copy_(0, split.keep, orig(x.index_select(0, split.keep), *args, **kwargs))  # run [K, T, D] rows only
+            return ffn_rows(self.row_split(layer), x, lambda rows: orig(rows, *args, **kwargs))
 
         return forward
 
@@ -498,11 +520,7 @@ class SkipController:
             if split.none:
                 return None
             x_in = args[0] if args else kwargs["hidden_states"]  # [B, T, D] layer input
-            x = output[0] if isinstance(output, tuple) else output  # [B, T, D] layer output
-            if split.keep is None:
-                x = x_in  # every row skips the whole layer
-            else:  # the whole layer is skipped for these rows
-                x = x.index_copy(0, split.skip, x_in.index_select(0, split.skip))
+            x = skip_whole_layer(split, x_in, output[0] if isinstance(output, tuple) else output)  # [B, T, D]
             return (x, *output[1:]) if isinstance(output, tuple) else x
 
         return hook

@@ -51,7 +51,7 @@ from torch import nn
 
 from .adapters import FastLayout, UnsupportedArchitecture, get_adapter
 from .adapters.base import get_path
-from .engine import SkipController
+from .engine import SkipController, ffn_rows, skip_whole_layer
 
 log = logging.getLogger(__name__)
 
@@ -451,15 +451,9 @@ class FastDecoder:
             o = o.reshape(B, 1, H * hd)  # [B, 1, H hd] (one query: heads are already contiguous)
             h = x + lw.o(o)  # [B, 1, D] residual before the FFN
             split = ctl.row_split(i)
-            if split.none:
-                x = h + self._mlp(lw, h)
-            elif split.keep is None:
-                x = h  # every row skips this FFN
-            else:  # the rows that run this FFN: [K, 1, D] gathered, computed, written back
-                hk = h.index_select(0, split.keep)
-                x = h.index_copy(0, split.keep, hk + self._mlp(lw, hk))  # [B, 1, D]
-            if whole and not split.none:  # whole-layer baselines: the layer is skipped
-                x = x_in if split.keep is None else x.index_copy(0, split.skip, x_in.index_select(0, split.skip))
+            x = h if split.all else h + ffn_rows(split, h, lambda rows, lw=lw: self._mlp(lw, rows))  # [B, 1, D]
+            if whole:  # whole-layer baselines: the rows that skip it get the layer's input back
+                x = skip_whole_layer(split, x_in, x)
             if ctl.testing:
                 ctl.observe(i, h, x)
         x = self.final_norm(x)  # [B, 1, D]
