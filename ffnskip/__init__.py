@@ -17,6 +17,7 @@ from .decode import (
     prefill,
 )
 from .engine import SeqStats, SkipController, ffn_share
+from .eval import EvalReport, evaluate
 from .policy import MODES, PolicyError, ResolvedPolicy, SkipPolicy
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ def load_model(name_or_path: str = "smollm2-135m", dtype=None, device=None):
 
 __all__ = [
     "MODES",
+    "EvalReport",
     "GenerationError",
     "PolicyError",
     "ResolvedPolicy",
@@ -44,6 +46,7 @@ __all__ = [
     "UnsupportedArchitecture",
     "decode_one_token",
     "encode_prompt",
+    "evaluate",
     "ffn_share",
     "generate",
     "generate_text",
@@ -52,12 +55,3 @@ __all__ = [
     "prefill",
 ]
 
-
-def __getattr__(name: str):
-    # `ffnskip.evaluate` is the evaluation module, callable as
-    # `ffnskip.evaluate(model, tokenizer, policy, task, ...)`; imported on first use.
-    if name == "evaluate":
-        import importlib
-
-        return importlib.import_module(".evaluate", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

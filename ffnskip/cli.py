@@ -1,19 +1,23 @@
-"""The ``ffnskip`` command line.
+"""The ``ffnskip`` command line: one table of verbs (:data:`VERBS`).
 
-Core commands live here (``generate``, ``profile``); other packages add theirs (``evaluate``,
-``tune``, ``results``, ``serve``, ``bench``) through the ``ffnskip.commands`` entry-point group,
-so the core library never imports them. Entry points print; libraries log.
+The core verbs are here (``generate``, ``profile``, ``bench``) and in :mod:`ffnskip.eval.cli`
+(``evaluate``); ``tune``, ``results`` (:mod:`tuning.cli`) and ``serve`` (:mod:`serve.cli`) are
+named by their registration functions as ``"module:function"`` strings, imported when the parser
+is built, so ``import ffnskip.cli`` imports neither package. A verb whose package, or a package it
+needs, is missing is one line of error with the ``pip install`` hint. Entry points print;
+libraries log.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import sys
 import time
-from importlib.metadata import entry_points
+from dataclasses import dataclass
 from typing import Any, Callable
 
 log = logging.getLogger("ffnskip")
@@ -265,32 +269,72 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------- main
-CORE_COMMANDS = (_add_generate, _add_profile, _add_bench)
+# ---------------------------------------------------------------------- the verbs
+@dataclass(frozen=True)
+class Verb:
+    """One verb of the ``ffnskip`` command line."""
+
+    name: str
+    register: str | Callable[[Any], None]
+    """Adds the verb's parser to the sub-parsers (``register(sub)``): a function here, or a
+    ``"module:function"`` of another package, imported only when the parser is built, so that
+    ``import ffnskip.cli`` imports neither ``tuning`` nor ``serve``."""
+    extra: str | None = None
+    """The ``pip install 'ffnskip[extra]'`` extra whose packages the verb needs (the hint when one
+    is missing)."""
+
+
+VERBS: tuple[Verb, ...] = (
+    Verb("generate", _add_generate),
+    Verb("profile", _add_profile),
+    Verb("bench", _add_bench),
+    Verb("evaluate", "ffnskip.eval.cli:register", extra="eval"),
+    Verb("tune", "tuning.cli:register_tune", extra="tune"),
+    Verb("results", "tuning.cli:register_results", extra="tune"),
+    Verb("serve", "serve.cli:register", extra="serve"),
+)
+"""Every verb of ``ffnskip``, in the order of ``ffnskip --help``."""
+
+_FIRST_PARTY = frozenset({"ffnskip", "tuning", "serve"})
+
+
+def _registration(verb: Verb) -> Callable[[Any], None]:
+    if callable(verb.register):
+        return verb.register
+    module, _, name = verb.register.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ffnskip", description="FFN-SkipLLM: adaptive FFN skipping for faster decoding")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in CORE_COMMANDS:
-        add(sub)
-    for ep in sorted(entry_points(group="ffnskip.commands"), key=lambda e: e.name):
+    for verb in VERBS:
         try:
-            register = ep.load()
-        except ImportError as exc:  # an optional extra is not installed
-            sub.add_parser(ep.name, help=f"(unavailable: {exc})").set_defaults(func=_unavailable(ep.name, exc))
+            register = _registration(verb)
+        except ImportError as exc:  # its package, or a package that one imports, is not installed
+            _add_unavailable(sub, verb, exc)
             continue
         register(sub)
     return parser
 
 
-def _unavailable(name: str, exc: Exception):
-    def run(args):
-        raise CLIError(f"'ffnskip {name}' needs an optional dependency that is missing ({exc}); "
-                       f"install with: pip install 'ffnskip[serve]'")
+def _missing_message(exc: ImportError, extra: str | None) -> str:
+    what = f"the module '{exc.name}' is not installed" if exc.name else f"a module is missing ({exc})"
+    hint = f"; install it with: pip install 'ffnskip[{extra}]'" if extra else ""
+    return f"{what}{hint}"
 
-    return run
+
+def _add_unavailable(sub, verb: Verb, exc: ImportError) -> None:
+    """A stand-in for a verb that cannot be registered: any arguments, one line of error."""
+    p = sub.add_parser(verb.name, help=f"(unavailable: {exc})", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    message = _missing_message(exc, verb.extra)
+
+    def run(args):
+        raise CLIError(message)
+
+    p.set_defaults(func=run, unavailable=True)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -312,13 +356,19 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    return run_entry_point(f"ffnskip {args.command}", args.func, args)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "unavailable", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    extra = next((v.extra for v in VERBS if v.name == args.command), None)
+    return run_entry_point(f"ffnskip {args.command}", args.func, args, extra=extra)
 
 
-def run_entry_point(label: str, func: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
+def run_entry_point(label: str, func: Callable[[argparse.Namespace], Any], args: argparse.Namespace,
+                    extra: str | None = None) -> int:
     """Run a command of an entry point (``ffnskip``, ``python -m tuning``): logging per ``--verbose``,
-    a user's error as one line ``<label>: error: ...`` and exit status 2, Ctrl-C as 130."""
+    a user's error as one line ``<label>: error: ...`` and exit status 2, Ctrl-C as 130. A
+    third-party module that the command needs and that is not installed is such an error too,
+    with the ``pip install 'ffnskip[extra]'`` hint when ``extra`` is given."""
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -328,6 +378,11 @@ def run_entry_point(label: str, func: Callable[[argparse.Namespace], Any], args:
         return int(func(args) or 0)
     except user_errors() as exc:
         print(f"{label}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if not exc.name or exc.name.split(".")[0] in _FIRST_PARTY:
+            raise  # a bug, not a missing dependency
+        print(f"{label}: error: {_missing_message(exc, extra)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -60,7 +60,7 @@ def wikitext2_text(explicit_dir: str | os.PathLike | None = None) -> str:
 
 # ---------------------------------------------------------------------- evaluation data sets
 # Loaders of the shared data sets (see each SOURCE.md), all read through `datasets`. They return
-# plain Python records; ffnskip.tasks turns them into samples and prompts.
+# plain Python records; ffnskip.eval.tasks turns them into samples and prompts.
 
 FREEBASEQA_EVAL = "freebaseqa/FreebaseQA-eval.txt"
 FREEBASEQA_DEV = "freebaseqa/FreebaseQA-dev.txt"

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Write docs/reproduction.md: the paper's Table 3 analogue, a warm-up ablation, the saturation
-plot and the decode speed, measured on small models with ``ffnskip.evaluate``.
+plot and the decode speed, measured on small models with ``ffnskip.eval.evaluate``.
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/reproduce.py            # the full run (hours on CPU)
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/reproduce.py --render   # rewrite the report from saved results
@@ -104,9 +104,9 @@ def calibration_data(model, tokenizer, chat: bool, limit: int, max_new_tokens: i
     import torch
 
     from ffnskip.decode import SamplingParams, encode_prompt, generate
+    from ffnskip.eval.tasks import get_task
     from ffnskip.policy import SkipPolicy
     from ffnskip.saturation import layer_cosines
-    from ffnskip.tasks import get_task
 
     task = get_task("factoid_qa_dev")
     samples = task.load(data_dir=data_dir, limit=limit, seed=0)
@@ -234,7 +234,7 @@ def render(results: dict, args, command: str) -> str:
       f"by bucket, at most {args.warmup_max_new_tokens} new tokens), the ~25% adaptive policy with 0, 8, 16, 32 "
       "dense warm-up tokens; ROUGE-L against the highlights, ROUGE-L and agreement against dense, repetition.")
     w("- **Speed**: decode tokens/s (prompt pass excluded) at a fixed length (EOS ignored), dense and the "
-      "~25% adaptive policy alternating in one process after a warm-up (`ffnskip.evaluate.measure_speed`).\n")
+      "~25% adaptive policy alternating in one process after a warm-up (`ffnskip.eval.measure_speed`).\n")
 
     w("## The paper's numbers (LLaMA-2-7B, method.md §6)\n")
     w("| skip | random skip | non-input-adaptive (static) | FFN-SkipLLM (adaptive) |")
@@ -456,7 +456,7 @@ def run_model(name: str, limit: int, args, store: Store, assets: Path) -> dict:
     import ffnskip
     from ffnskip.adapters import get_adapter
     from ffnskip.engine import ffn_share
-    from ffnskip.evaluate import DenseCache, evaluate
+    from ffnskip.eval import DenseCache, evaluate
 
     model, tokenizer = ffnskip.load_model(name)
     num_layers = len(get_adapter(model).layers(model))

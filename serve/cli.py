@@ -1,9 +1,10 @@
 """``ffnskip serve``: run the Serve application locally (or on a Ray cluster) until SIGINT/SIGTERM.
 
-Registered in the ``ffnskip.commands`` entry-point group. Without ``--address`` it starts a
-private local Ray instance (no dashboard) and, on SIGINT or SIGTERM, shuts Serve and that
-instance down, so no Ray process it started is left behind. With ``--address`` it deploys the
-app on that cluster and deletes the app on exit (the cluster keeps running).
+A verb of the core CLI's table (:data:`ffnskip.cli.VERBS` names :func:`register`). Without
+``--address`` it starts a private local Ray instance (no dashboard) and, on SIGINT or SIGTERM,
+shuts Serve and that instance down, so no Ray process it started is left behind. With
+``--address`` it deploys the app on that cluster and deletes the app on exit (the cluster keeps
+running).
 """
 
 from __future__ import annotations

@@ -81,3 +81,63 @@ def test_bad_input_exits_nonzero_with_one_clear_message(args, message):
     assert p.returncode != 0
     assert message in p.stderr
     assert "Traceback" not in p.stderr
+
+
+# ---------------------------------------------------------------------- the verb table
+def test_one_table_of_verbs_without_entry_point_metadata(monkeypatch):
+    import importlib.metadata
+
+    from ffnskip import cli
+
+    def no_entry_points(*args, **kwargs):
+        raise AssertionError("the CLI must not read entry-point metadata")
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", no_entry_points)
+    assert [v.name for v in cli.VERBS] == ["generate", "profile", "bench", "evaluate", "tune", "results", "serve"]
+    parser = cli.build_parser()
+    args = parser.parse_args(["evaluate", "--task", "perplexity", "--limit", "8"])
+    assert args.func.__module__ == "ffnskip.eval.cli" and args.limit == 8
+    assert parser.parse_args(["tune", "--config", "x.yaml"]).func.__module__ == "tuning.cli"
+    assert parser.parse_args(["results", "studies"]).func.__module__ == "tuning.cli"
+    assert parser.parse_args(["serve"]).func.__module__ == "serve.cli"
+
+
+BLOCKED_RUN = (
+    "import sys\n"
+    "class Block:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name.split('.')[0] == 'tuning':\n"
+    "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+    "sys.meta_path.insert(0, Block())\n"
+    "from ffnskip.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def test_a_verb_whose_package_is_missing_is_one_line_with_the_install_hint():
+    p = subprocess.run([sys.executable, "-c", BLOCKED_RUN, "tune", "--config", "x.yaml", "--trials", "3"],
+                       capture_output=True, text=True, timeout=120, env=ENV)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().splitlines() == [
+        "ffnskip tune: error: the module 'tuning' is not installed; install it with: pip install 'ffnskip[tune]'"]
+    p = subprocess.run([sys.executable, "-c", BLOCKED_RUN, "--help"], capture_output=True, text=True, timeout=120, env=ENV)
+    assert p.returncode == 0 and "evaluate" in p.stdout and "(unavailable: No module named 'tuning')" in p.stdout
+
+
+def test_a_missing_third_party_module_at_run_time_is_one_line(capsys):
+    import argparse
+
+    from ffnskip.cli import run_entry_point
+
+    def needs_ray(args):
+        raise ModuleNotFoundError("No module named 'ray'", name="ray")
+
+    assert run_entry_point("ffnskip serve", needs_ray, argparse.Namespace(verbose=False), extra="serve") == 2
+    assert capsys.readouterr().err == (
+        "ffnskip serve: error: the module 'ray' is not installed; install it with: pip install 'ffnskip[serve]'\n")
+
+    def bug(args):  # a first-party module that does not exist is a bug: the traceback stays
+        raise ModuleNotFoundError("No module named 'ffnskip.nope'", name="ffnskip.nope")
+
+    with pytest.raises(ModuleNotFoundError):
+        run_entry_point("ffnskip generate", bug, argparse.Namespace(verbose=False))

@@ -10,8 +10,7 @@ import torch
 
 import ffnskip
 from ffnskip import SamplingParams, SkipPolicy, encode_prompt, generate
-from ffnskip import metrics
-from ffnskip.evaluate import DenseCache, evaluate, score_continuation
+from ffnskip.eval import DenseCache, evaluate, metrics, score_continuation
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,8 @@ import transformers
 
 import ffnskip
 from ffnskip import SkipPolicy
-from ffnskip.evaluate import DenseCache, evaluate
-from ffnskip.judge import JudgeConfig, JudgeError
+from ffnskip.eval import DenseCache, evaluate
+from ffnskip.eval.judge import JudgeConfig, JudgeError
 
 POLICY = SkipPolicy(mode="random", warmup_tokens=1, skip_budget=2, dense_every=0)
 

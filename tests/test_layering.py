@@ -42,3 +42,16 @@ def test_import_ffnskip_works_without_ray_and_the_service_extras():
     p = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("ok")
+
+
+def test_import_ffnskip_cli_loads_neither_tuning_nor_serve_and_evaluate_is_the_function():
+    code = (
+        "import sys, inspect\n"
+        "import ffnskip, ffnskip.cli\n"
+        "assert not {'tuning', 'serve'} & {m.split('.')[0] for m in sys.modules}, 'tuning/serve imported'\n"
+        "assert inspect.isfunction(ffnskip.evaluate) and ffnskip.evaluate.__module__ == 'ffnskip.eval.harness'\n"
+        "print('ok')\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("ok")

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from ffnskip import metrics
 from ffnskip.baselines import estimate_adaptive_ratio, expected_skip_ratio, matched_budget, shortgpt_layers
-from ffnskip.judge import parse_pair_scores, parse_rating
+from ffnskip.eval import metrics
+from ffnskip.eval.judge import parse_pair_scores, parse_rating
 from ffnskip.policy import SkipPolicy
 
 
@@ -152,7 +152,7 @@ def test_story_split_takes_the_article_before_the_first_highlight():
 
 
 def test_task_subsets_are_deterministic_and_summaries_stratified():
-    from ffnskip.tasks import fingerprint, get_task
+    from ffnskip.eval.tasks import fingerprint, get_task
 
     qa = get_task("factoid_qa")
     a, b = qa.load(limit=5, seed=3), qa.load(limit=5, seed=3)
@@ -164,7 +164,7 @@ def test_task_subsets_are_deterministic_and_summaries_stratified():
 
 
 def test_field_mapping_errors():
-    from ffnskip.tasks import EvalError, get_task, parse_field_mappings
+    from ffnskip.eval.tasks import EvalError, get_task, parse_field_mappings
 
     qa = get_task("factoid_qa")
     assert parse_field_mappings(["answer=gold"], qa) == {"question": "question", "answer": "gold"}
@@ -175,7 +175,7 @@ def test_field_mapping_errors():
 
 
 def test_user_files_jsonl_json_array_and_csv(tmp_path):
-    from ffnskip.tasks import get_task
+    from ffnskip.eval.tasks import get_task
 
     qa = get_task("factoid_qa")
     rows = [{"q": "Capital of France?", "gold": ["Paris", "paris"]}, {"q": "2 + 2?", "gold": "4"}]
@@ -189,7 +189,7 @@ def test_user_files_jsonl_json_array_and_csv(tmp_path):
 
 
 def test_dense_cache_round_trips_through_disk(tmp_path):
-    from ffnskip.evaluate import DenseCache
+    from ffnskip.eval import DenseCache
 
     c1 = DenseCache(tmp_path)
     key = c1.key("gen", "model", [1, 2, 3], {"max_new_tokens": 4})

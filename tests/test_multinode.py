@@ -57,7 +57,7 @@ resources: {cpu: 1, gpu: 0}
 objectives: [quality, skip_ratio]
 max_quality_drop: null
 progress: false
-evaluator: barrier_eval:evaluate   # ffnskip.evaluate, trials meeting at a barrier first
+evaluator: barrier_eval:evaluate   # ffnskip.eval.evaluate, trials meeting at a barrier first
 start_points:
   - {threshold: 0.8, warmup_tokens: 0, layer_start: 1, layer_end: 7, skip_budget: 2, dense_every: 8}
   - {threshold: 0.95, warmup_tokens: 1, layer_start: 2, layer_end: 6, skip_budget: 1, dense_every: 2}
@@ -74,7 +74,7 @@ import os
 
 import ray
 
-from ffnskip.evaluate import evaluate as ffnskip_evaluate
+from ffnskip.eval import evaluate as ffnskip_evaluate
 
 PARTIES = 2
 TIMEOUT_S = 150

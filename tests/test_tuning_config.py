@@ -113,6 +113,21 @@ def test_config_round_trips_through_a_dict():
     assert again == cfg and again.resources.gpu == 0.5 and again.search_space.dense_every == 4
 
 
+def test_a_study_stored_under_the_evaluators_former_name_still_resumes():
+    import ffnskip
+    from tuning.study import check_resumable
+    from tuning.trial import load_evaluator
+
+    assert TuningConfig().evaluator == "ffnskip.eval:evaluate"
+    assert load_evaluator(TuningConfig().evaluator) is ffnskip.evaluate
+    old = TuningConfig(evaluator="ffnskip.evaluate:evaluate")  # before the harness moved to ffnskip.eval
+    assert old.evaluator == "ffnskip.eval:evaluate"
+    stored = {**TuningConfig().to_dict(), "evaluator": "ffnskip.evaluate:evaluate"}
+    check_resumable(stored, TuningConfig())  # no ConfigError
+    with pytest.raises(ConfigError, match="evaluator"):
+        check_resumable({**stored, "evaluator": "mine:evaluate"}, TuningConfig())
+
+
 # ------------------------------------------------------------------------------ search space
 def test_default_bounds_follow_the_depth():
     assert default_bounds(30)["layer_start"] == [1, 10]

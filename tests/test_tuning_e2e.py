@@ -120,7 +120,7 @@ def count(url: str, sql: str, **params) -> int:
 
 def flaky_evaluate(model, tokenizer, policy, task, **kwargs):
     """The real evaluator, except for two marked policies: one raises, one kills its worker."""
-    from ffnskip.evaluate import evaluate
+    from ffnskip.eval import evaluate
 
     if policy.threshold == -0.75:
         raise RuntimeError("injected failure")

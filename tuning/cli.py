@@ -1,7 +1,7 @@
 """Command line: ``python -m tuning`` / ``ffnskip tune`` (run a study) and ``ffnskip results``.
 
-Registered in the core CLI through the ``ffnskip.commands`` entry-point group
-(:func:`register_tune`, :func:`register_results`).
+Verbs of the core CLI's table (:data:`ffnskip.cli.VERBS` names :func:`register_tune` and
+:func:`register_results`).
 """
 
 from __future__ import annotations
@@ -246,4 +246,4 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     add_tune_args(parser)
     args = parser.parse_args(argv)
-    return run_entry_point("tuning", cmd_tune, args)
+    return run_entry_point("tuning", cmd_tune, args, extra="tune")

@@ -19,7 +19,10 @@ QUALITY_METRICS = ("primary", "answer_agreement", "rouge_l_vs_dense")
 SAMPLERS = ("tpe", "nsga2")
 #: Searchable SkipPolicy fields, in sampling order.
 SPACE_KEYS = ("threshold", "warmup_tokens", "layer_start", "layer_end", "skip_budget", "dense_every")
-DEFAULT_EVALUATOR = "ffnskip.evaluate:evaluate"
+DEFAULT_EVALUATOR = "ffnskip.eval:evaluate"
+#: Former names of evaluators, read as the current ones (a study stored before the harness moved
+#: to ``ffnskip.eval`` keeps resuming).
+RENAMED_EVALUATORS = {"ffnskip.evaluate:evaluate": DEFAULT_EVALUATOR}
 
 
 class ConfigError(ValueError):
@@ -189,7 +192,7 @@ class TuningConfig:
     """Policies (searched fields only) evaluated first, e.g. a known-good one."""
 
     evaluator: str = DEFAULT_EVALUATOR
-    """``module:function`` with the signature of ``ffnskip.evaluate`` (for custom tasks)."""
+    """``module:function`` with the signature of :func:`ffnskip.eval.evaluate` (for custom tasks)."""
     progress: bool = True
     """Per-trial progress bars in the workers' output."""
 
@@ -264,6 +267,7 @@ class TuningConfig:
                 _check_space_value(f"{key}.{name}", name, value, name == "threshold")
         if not isinstance(self.evaluator, str) or ":" not in self.evaluator:
             raise ConfigError("evaluator", f"must be 'module:function'; got {self.evaluator!r}")
+        self.evaluator = RENAMED_EVALUATORS.get(self.evaluator, self.evaluator)
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Objectives, the Pareto front and the constrained best-policy rule (plain Python, no Ray).
 
 * :func:`baseline_values` / :func:`trial_values`: a study's numbers from an evaluation report
-  (``ffnskip.evaluate``'s ``EvalReport.to_dict()``) and the stored dense baseline.
+  (:meth:`ffnskip.eval.EvalReport.to_dict`) and the stored dense baseline.
 * :func:`pareto_front`: indices of the non-dominated points for given directions.
 * :func:`choose_best`: among trials whose quality drop against dense is at most ``D``, the one
   with the highest skip ratio (or tokens/s); ties go to the smaller drop, then the older trial.

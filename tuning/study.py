@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import ConfigError, TuningConfig
+from .config import RENAMED_EVALUATORS, ConfigError, TuningConfig
 from .objectives import QualitySpec, baseline_values, directions, quality_spec
 from .results import StudyView, load_view, summary_text
 from .space import resolve_space
@@ -87,6 +87,7 @@ def job_database_warning(url: str) -> str | None:
 def check_resumable(stored: dict[str, Any], cfg: TuningConfig) -> None:
     """A resumed study must evaluate the same way, or its trials would not be comparable."""
     now = cfg.to_dict()
+    stored = {**stored, "evaluator": RENAMED_EVALUATORS.get(stored.get("evaluator"), stored.get("evaluator"))}
     for key in IDENTITY_KEYS:
         if stored.get(key) != now.get(key):
             raise ConfigError(

@@ -51,7 +51,7 @@ class EvalSpec:
     chat: bool | None = None
     max_new_tokens: int | None = None
     batch_size: int = 1
-    evaluator: str = "ffnskip.evaluate:evaluate"
+    evaluator: str = "ffnskip.eval:evaluate"
     progress: bool = True
     threads: int = 1
 
@@ -173,7 +173,7 @@ def _process_cache():
     it served so the baseline can hand its dense decodes to the trials."""
     global _CACHE
     if _CACHE is None:
-        from ffnskip.evaluate import DenseCache, default_dense_cache_dir
+        from ffnskip.eval import DenseCache, default_dense_cache_dir
 
         class StudyCache(DenseCache):
             def __init__(self):

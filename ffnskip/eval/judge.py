@@ -26,13 +26,16 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from .tasks import EvalError
+from . import metrics
+from .progress import _bar
+from .report import RunResult
+from .tasks import EvalError, Sample, Task
 
 log = logging.getLogger(__name__)
 
 ENV_JUDGE_KEY = "FFNSKIP_JUDGE_API_KEY"
 
-__all__ = ["ENV_JUDGE_KEY", "Judge", "JudgeConfig", "JudgeError", "parse_pair_scores", "parse_rating"]
+__all__ = ["ENV_JUDGE_KEY", "Judge", "JudgeConfig", "JudgeError", "JudgeResult", "parse_pair_scores", "parse_rating"]
 
 
 class JudgeError(EvalError):
@@ -210,3 +213,74 @@ class Judge:
             return None, None
         return pair
 
+
+# ---------------------------------------------------------------------- the judge in an evaluation
+@dataclass
+class JudgeResult:
+    """What :func:`run_judge` scored: per sample and per side."""
+
+    info: dict
+    """The report's ``judge`` object (endpoint, model, call counts, templates)."""
+    dense_scores: list[float | None]
+    """Per sample, the dense output's score (``None``: not parseable or the call failed)."""
+    skip_scores: list[float | None]
+    """Per sample, the policy output's score."""
+    dense: dict = field(default_factory=dict)
+    """The dense side's ``judge_score`` (mean), ``judge_n``, ``judge_unparseable``, ``judge_errors``."""
+    skip: dict = field(default_factory=dict)
+    """The same for the policy."""
+
+    def add_to(self, run: RunResult) -> None:
+        """Add the scores to the run's per-sample records and its aggregates."""
+        for rec, d, p in zip(run.samples, self.dense_scores, self.skip_scores):
+            rec["dense_scores"]["judge_score"] = d
+            rec["scores"]["judge_score"] = p
+        run.dense.update(self.dense)
+        run.skip.update(self.skip)
+
+
+def run_judge(config: JudgeConfig, task: Task, samples: list[Sample], run: RunResult, data_dir, progress) -> JudgeResult:
+    """Judge every sample's dense and policy outputs of ``run`` (conversation: each graded on its
+    own; summarization: one pairwise judgement scores both)."""
+    from .. import data as _data
+
+    judge = Judge(config, _data.judge_prompts(data_dir))
+    scores: dict[str, list] = {"dense": [], "skip": []}
+    bad = {"dense": 0, "skip": 0}
+    failed = {"dense": 0, "skip": 0}
+
+    def judged(side: str, call):
+        u0, e0 = judge.stats.unparseable, judge.stats.errors
+        value = call()
+        bad[side] += judge.stats.unparseable - u0
+        failed[side] += judge.stats.errors - e0
+        return value
+
+    with _bar(len(samples), f"{task.name}: judge", progress) as bar:
+        for i, s in enumerate(samples):
+            rec = run.samples[i]
+            if task.name == "summarization":
+                # One pairwise judgement scores both sides; a bad one counts for both.
+                d, p = judged("skip", lambda: judge.score_summary_pair(
+                    s.meta.get("bucket", "small"), s.input, rec["dense_output"], rec["output"]))
+            else:
+                d = judged("dense", lambda: judge.score_conversation(s.input, rec["dense_output"], s.reference)["score"])
+                p = judged("skip", lambda: judge.score_conversation(s.input, rec["output"], s.reference)["score"])
+            scores["dense"].append(d)
+            scores["skip"].append(p)
+            bar.update(1)
+    if task.name == "summarization":
+        bad["dense"], failed["dense"] = bad["skip"], failed["skip"]
+    sides = {
+        side: {
+            "judge_score": metrics.mean(scores[side]),
+            "judge_n": sum(1 for v in scores[side] if v is not None),
+            "judge_unparseable": bad[side],
+            "judge_errors": failed[side],
+        }
+        for side in ("dense", "skip")
+    }
+    info = {"url": config.endpoint, "model": config.model, **judge.stats.to_dict()}
+    info["templates"] = ("LLM-KICK summary pairwise (dense = Assistant 1)" if task.name == "summarization"
+                         else "MT-Bench single-v1 / single-math-v1 (+ multi-turn)")
+    return JudgeResult(info, scores["dense"], scores["skip"], sides["dense"], sides["skip"])

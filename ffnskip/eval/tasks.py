@@ -3,7 +3,7 @@
 A :class:`Task` knows where its samples come from (the shared data directory or a user's
 ``--data`` file), how to turn a sample into a prompt, and how to score an output. The decoding
 itself (dense and policy, fidelity, speed) is the same for every task and lives in
-:mod:`ffnskip.evaluate`.
+:mod:`ffnskip.eval`.
 
 Tasks (``TASKS``):
 
@@ -26,7 +26,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from . import data as _data
+from .. import data as _data
 from . import metrics
 
 __all__ = ["EvalError", "Sample", "Task", "TASKS", "get_task", "parse_field_mappings"]

@@ -1,8 +1,8 @@
 """``ffnskip evaluate``: one task, one policy, against the same model's dense decoding.
 
-Registered through the ``ffnskip.commands`` entry-point group (``register``). Progress bars go to
-stderr; the result is a table on stdout, or with ``--json`` one JSON object (see
-:meth:`ffnskip.evaluate.EvalReport.to_dict`). ``--output FILE`` also writes the JSON to a file.
+A core verb of the ``ffnskip`` command line (:data:`ffnskip.cli.VERBS`, :func:`register`).
+Progress bars go to stderr; the result is a table on stdout, or with ``--json`` one JSON object
+(see :meth:`ffnskip.eval.EvalReport.to_dict`). ``--output FILE`` also writes the JSON to a file.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli import CLIError, add_model_arg, load_model_cli, nonneg_int, positive_int
+from ..cli import CLIError, add_model_arg, load_model_cli, nonneg_int, positive_int
 
 
 def register(sub) -> None:
@@ -78,7 +78,7 @@ def _policy_spec(args) -> dict | None:
     if not isinstance(spec, dict):
         raise CLIError(f"{flag}: must be a JSON object; got {type(spec).__name__}")
     # Validate everything but shortgpt's measured layers before the model loads.
-    from .policy import PolicyError, SkipPolicy
+    from ..policy import PolicyError, SkipPolicy
 
     probe = dict(spec)
     if probe.get("mode") == "shortgpt" and not probe.get("layers"):
@@ -91,7 +91,8 @@ def _policy_spec(args) -> dict | None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import DenseCache, default_dense_cache, evaluate
+    from .cache import DenseCache, default_dense_cache
+    from .harness import evaluate
     from .tasks import get_task
 
     task = get_task(args.task)  # unknown task: one line, before anything loads
@@ -211,6 +212,6 @@ def format_table(data: dict) -> str:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from .cli import main
+    from ..cli import main
 
     sys.exit(main(["evaluate", *sys.argv[1:]]))

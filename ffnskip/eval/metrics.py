@@ -1,7 +1,7 @@
 """Evaluation metrics: factoid answer matching, ROUGE, degeneration, fidelity to dense.
 
 Plain functions on strings and token-id lists, no model needed; the evaluator
-(:mod:`ffnskip.evaluate`) aggregates them per report.
+(:func:`ffnskip.eval.evaluate`) aggregates them per report.
 
 Normalisations (both documented in ``docs/reproduction.md``):
 

@@ -1,0 +1,149 @@
+"""Teacher forcing: :func:`score_continuation` scores a given continuation token by token with a
+skip policy applied exactly as in generation (``nll_vs_dense``, the perplexity task, its speed
+runs); :func:`_dense_tf` is its dense result through the dense cache."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..decode import context_length, decode_one_token, new_cache, prefill
+from ..engine import SeqStats, SkipController
+
+try:  # the lean decode step (the lead's ffnskip.fastpath); the model's own forward otherwise
+    from ..fastpath import FastDecoder
+except ImportError:  # pragma: no cover
+    FastDecoder = None
+from ..policy import SkipPolicy
+from .identity import _numerics
+from .tasks import EvalError
+
+__all__ = ["TeacherForced", "score_continuation"]
+
+
+@dataclass
+class TeacherForced:
+    """Per-token results of :func:`score_continuation`."""
+
+    nll: list[float]
+    """-log p(continuation[t] | prompt, continuation[:t]) under the policy."""
+    argmax: list[int]
+    """The policy's top-1 next token at each position."""
+    target_nll: list[float] | None
+    """-log p(targets[t] | ...) for the optional second target sequence."""
+    stats: SeqStats
+    seconds: float
+    decode_seconds: float = 0.0
+    """Wall time after the prompt pass (steps 1 .. n-1)."""
+
+
+def _step_cache(model, cache, max_len: int, fast: bool | None):
+    """The decode-step cache :func:`ffnskip.decode.generate` would use for one unpadded row."""
+    if fast is False or FastDecoder is None:
+        return cache
+    why_not = FastDecoder.supports(model, max_len)
+    if why_not is None:
+        step = FastDecoder(model, 1, max_len, padded=False)
+        step.load_prefill(cache)
+        return step
+    if fast:
+        raise EvalError(f"the fast decode path does not support this model: {why_not}")
+    return cache
+
+
+@torch.inference_mode()
+def score_continuation(
+    model: nn.Module,
+    policy: SkipPolicy | None,
+    prompt_ids: Sequence[int],
+    continuation: Sequence[int],
+    *,
+    targets: Sequence[int] | None = None,
+    max_new_tokens: int | None = None,
+    fast: bool | None = None,
+) -> TeacherForced:
+    """Teacher-forced scoring of ``continuation`` after ``prompt_ids``, with ``policy`` applied
+    exactly as in :func:`ffnskip.decode.generate`: the prompt pass is dense and produces the
+    distribution of token 0; the pass that feeds token ``t - 1`` is step ``t``
+    (``begin_step([t])``), so warm-up, ``dense_every``, the adaptive test and the random
+    baseline's per-sequence choices are the same as when the continuation is generated.
+
+    ``targets`` (same length) are scored from the same distributions (perplexity: dense's
+    top-1 predictions). ``max_new_tokens`` is the generation setting the continuation came from
+    (position-based schedules and the decode cache's size depend on it; default: its length);
+    ``fast`` picks the decode-step path as :func:`ffnskip.decode.generate` does. One host
+    synchronisation at the end (plus the controller's own).
+    """
+    policy = policy or SkipPolicy.dense()
+    prompt_ids = list(prompt_ids)
+    continuation = list(continuation)
+    n = len(continuation)
+    if not prompt_ids:
+        raise EvalError("score_continuation needs at least one prompt token")
+    if targets is not None and len(targets) != n:
+        raise EvalError("targets must be as long as the continuation")
+    max_len = max(n, max_new_tokens or 0)
+    ctl = SkipController(model, policy, [prompt_ids], max_new_tokens=max_len)
+    if n == 0:
+        return TeacherForced([], [], [] if targets is not None else None, ctl.stats[0], 0.0)
+    ctx = context_length(model)
+    if ctx is not None and len(prompt_ids) + n > ctx:
+        raise EvalError(f"prompt ({len(prompt_ids)}) + continuation ({n}) exceed the model's context of {ctx}")
+    device = next(model.parameters()).device
+    cont = torch.tensor(continuation, dtype=torch.long, device=device)  # [n]
+    tgt = torch.tensor(list(targets), dtype=torch.long, device=device) if targets is not None else None
+    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # [1, S]
+    mask = torch.ones_like(input_ids)  # [1, S]
+    pos = torch.arange(len(prompt_ids), device=device)[None]  # [1, S]
+    one = torch.ones((1, 1), dtype=mask.dtype, device=device)
+    cache = new_cache(model)
+    nll, arg, tnll = [], [], []
+    start = time.perf_counter()
+    with ctl.attached():
+        ctl.begin_prefill()
+        logits = prefill(model, input_ids, mask, pos, cache)  # [1, V]
+        step_cache = _step_cache(model, cache, len(prompt_ids) + max_len, fast)
+        t_prefill = None
+        for t in range(n):
+            if t == 1:
+                logits.sum().item()  # HOST SYNC (timing only): the prompt pass is finished
+                t_prefill = time.perf_counter()
+            if t > 0:
+                mask = torch.cat([mask, one], dim=1)
+                pos = pos[:, -1:] + 1
+                ctl.begin_step([t])
+                logits = decode_one_token(model, cont[t - 1].view(1, 1), mask, pos, step_cache, ctl)  # [1, V]
+            logp = logits[0].float().log_softmax(-1)  # [V]
+            nll.append(-logp[cont[t]])
+            arg.append(logp.argmax())
+            if tgt is not None:
+                tnll.append(-logp[tgt[t]])
+            ctl.collect_cosines()  # lagged adaptive only (1 counted read per step); else a no-op
+            ctl.end_step([True])
+    out_nll = torch.stack(nll).tolist()  # HOST SYNC: once per continuation
+    out_arg = torch.stack(arg).tolist()
+    out_t = torch.stack(tnll).tolist() if tgt is not None else None
+    end = time.perf_counter()
+    return TeacherForced(out_nll, out_arg, out_t, ctl.stats[0], end - start, end - t_prefill if t_prefill else 0.0)
+
+
+
+# ---------------------------------------------------------------------- dense, through the cache
+def _dense_tf(model, prompt_ids, continuation, cache, model_fp, max_new_tokens: int | None = None) -> dict:
+    key = (
+        cache.key("tf", model_fp, _numerics(model), list(prompt_ids), list(continuation), max_new_tokens)
+        if cache is not None
+        else None
+    )
+    hit = cache.get(key) if cache is not None else None
+    if hit is not None:
+        return hit
+    tf = score_continuation(model, SkipPolicy.dense(), prompt_ids, continuation, max_new_tokens=max_new_tokens)
+    value = {"nll": tf.nll, "argmax": tf.argmax, "seconds": tf.seconds, "tokens": len(continuation)}
+    if cache is not None:
+        cache.put(key, value)
+    return value
