@@ -93,7 +93,7 @@ def test_ffn_share_from_shapes(smollm):
     share = ffnskip.ffn_share(model)
     # SmolLM2-135M: 30 layers, hidden 576, FFN 1536 (gate, up, down), 9 query heads and 3 K/V
     # heads of 64, vocabulary 49152 (the tied LM head counts: it is read every token)
-    L, D, I, kv, V = 30, 576, 1536, 3 * 64, 49152
-    ffn, attn = 3 * D * I, 2 * D * D + 2 * D * kv
+    L, D, F, kv, V = 30, 576, 1536, 3 * 64, 49152
+    ffn, attn = 3 * D * F, 2 * D * D + 2 * D * kv
     assert share == pytest.approx(L * ffn / (L * (ffn + attn) + V * D), rel=1e-12)
     assert torch.is_tensor(model.lm_head.weight)
