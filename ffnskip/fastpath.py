@@ -418,7 +418,6 @@ class FastDecoder:
         from the controller (:meth:`~ffnskip.engine.SkipController.row_split`, one asynchronous
         upload per plan); eager ``adaptive`` tests read their cosines through the controller
         (counted, see :mod:`ffnskip.engine`)."""
-        model = self.model
         B = tokens.shape[0]
         hd, H, Hkv = self.head_dim, self.n_heads, self.n_kv
         col = self.length
@@ -444,7 +443,9 @@ class FastDecoder:
             keys = self.k[i][:, :, : col + 1]  # [B, Hkv, n, hd]
             values = self.v[i][:, :, : col + 1]
             if mask is None:
-                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=None, dropout_p=0.0, scale=self.scaling, is_causal=False, enable_gqa=self.n_rep > 1)
+                o = F.scaled_dot_product_attention(
+                    q, keys, values, attn_mask=None, dropout_p=0.0, scale=self.scaling, is_causal=False, enable_gqa=self.n_rep > 1
+                )
             else:
                 qp = q.reshape(B, Hkv, self.n_rep, hd) if self.n_rep > 1 else q
                 o = F.scaled_dot_product_attention(qp, keys, values, attn_mask=mask, dropout_p=0.0, scale=self.scaling, is_causal=False)

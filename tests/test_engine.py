@@ -286,7 +286,9 @@ def test_panelled_matmul_is_deterministic_and_agrees_with_a_plain_matmul(rows):
 def test_the_dense_cache_key_covers_threads_and_cpu():
     """A dense decode cached under other numerics settings (threads = panels, the CPU's kernels)
     is never reused: the key changes with them."""
-    from ffnskip.evaluate import DenseCache, _dense_generate, _numerics
+    from ffnskip.eval.cache import DenseCache
+    from ffnskip.eval.generation import _dense_generate
+    from ffnskip.eval.identity import _numerics
     from ffnskip.fastpath import numerics_key
 
     model = tiny_model("llama")

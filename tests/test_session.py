@@ -71,8 +71,10 @@ def test_a_bad_params_list_is_refused(model):
         list(generate(model, TOK, PROMPTS, None, [SamplingParams()] * 2))
 
 
-@pytest.mark.parametrize("policy", [SkipPolicy.dense(), SKIP, SkipPolicy(mode="random", layer_start=1, layer_end=7, warmup_tokens=1, skip_budget=2, dense_every=0, seed=4)],
-                         ids=["dense", "adaptive", "random"])
+RANDOM = SkipPolicy(mode="random", layer_start=1, layer_end=7, warmup_tokens=1, skip_budget=2, dense_every=0, seed=4)
+
+
+@pytest.mark.parametrize("policy", [SkipPolicy.dense(), SKIP, RANDOM], ids=["dense", "adaptive", "random"])
 def test_rows_join_a_running_batch(policy):
     """Fast path: rows added while others decode join at the next step (a longer prompt than the
     batch so far moves the others right; a shorter one is left-padded) and each decodes exactly
