@@ -6,6 +6,7 @@ Core library: models, skip policy, engine, decode loop, evaluation. Imports neit
 
 from .adapters import SUPPORTED_MODEL_TYPES, UnsupportedArchitecture, get_adapter
 from .decode import (
+    DecodeSession,
     GenerationError,
     SamplingParams,
     SequenceResult,
@@ -17,8 +18,9 @@ from .decode import (
     prefill,
 )
 from .engine import SeqStats, SkipController, ffn_share
+from .errors import FFNSkipError
 from .eval import EvalReport, evaluate
-from .policy import MODES, PolicyError, ResolvedPolicy, SkipPolicy
+from .policy import MODES, PolicyError, ResolvedPolicy, SkipPolicy, parse_policy
 
 __version__ = "0.1.0"
 
@@ -32,7 +34,9 @@ def load_model(name_or_path: str = "smollm2-135m", dtype=None, device=None):
 
 __all__ = [
     "MODES",
+    "DecodeSession",
     "EvalReport",
+    "FFNSkipError",
     "GenerationError",
     "PolicyError",
     "ResolvedPolicy",
@@ -52,6 +56,7 @@ __all__ = [
     "generate_text",
     "get_adapter",
     "load_model",
+    "parse_policy",
     "prefill",
 ]
 

@@ -27,7 +27,7 @@ __all__ = [
     "estimate_adaptive_ratio",
     "expected_skip_ratio",
     "matched_budget",
-    "policy_from_spec",
+    "measured",
     "shortgpt_layers",
     "shortgpt_policy",
 ]
@@ -107,18 +107,15 @@ def shortgpt_policy(
     return SkipPolicy.from_dict(fields)
 
 
-def policy_from_spec(model, tokenizer, spec: dict, data_dir=None) -> SkipPolicy:
-    """A policy from its JSON object; ``{"mode": "shortgpt"}`` without ``layers`` gets the
-    ``skip_budget`` (default: 30% of the layers) lowest-influence layers measured here."""
-    if not isinstance(spec, dict):
-        raise PolicyError("<policy>", f"must be a JSON object; got {type(spec).__name__}")
-    if spec.get("mode") == "shortgpt" and not spec.get("layers"):
-        rest = {k: v for k, v in spec.items() if k not in ("mode", "layers")}
-        rest.setdefault("warmup_tokens", 0)
-        rest.setdefault("dense_every", 0)
-        base = SkipPolicy.from_dict({**rest, "mode": "adaptive"})
-        return shortgpt_policy(model, tokenizer, None, base=base, data_dir=data_dir)
-    return SkipPolicy.from_dict(spec)
+def measured(model, tokenizer, policy: SkipPolicy, data_dir=None) -> SkipPolicy:
+    """``policy`` ready to run on ``model``: an unmeasured ``shortgpt`` policy
+    (:meth:`SkipPolicy.shortgpt`, ``{"mode": "shortgpt"}`` without ``layers``) gets the
+    ``skip_budget`` (default: 30% of the layers) lowest-influence layers measured here; every
+    other policy is returned as is."""
+    if not policy.unmeasured:
+        return policy
+    base = SkipPolicy.from_dict({**policy.to_dict(), "mode": "adaptive", "layers": None})
+    return shortgpt_policy(model, tokenizer, None, base=base, data_dir=data_dir)
 
 
 # ---------------------------------------------------------------------- budget matching

@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .errors import FFNSkipError
+
 ENV_DATA_DIR = "FFNSKIP_DATA_DIR"
 
 
-class DataError(ValueError):
+class DataError(FFNSkipError, ValueError):
     """Missing or malformed data (one clear line for the user)."""
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .engine import SeqStats, SkipController
+from .errors import FFNSkipError
 from .fastpath import FastDecoder
 from .policy import SkipPolicy
 from .sync import to_host, upload
@@ -35,7 +36,7 @@ from .sync import to_host, upload
 log = logging.getLogger(__name__)
 
 
-class GenerationError(ValueError):
+class GenerationError(FFNSkipError, ValueError):
     """Bad generation input (empty prompt, bad sampling settings, prompt too long...)."""
 
 

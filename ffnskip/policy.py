@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .errors import FFNSkipError
+
 #: Policy modes. ``adaptive`` is the paper's rule; ``dense`` never skips; ``random`` and
 #: ``static`` are the paper's same-budget FFN baselines (method.md §4); ``shortgpt`` and
 #: ``skipdecode`` are the whole-layer baselines.
@@ -25,7 +27,7 @@ DEFAULT_COLD_LAYERS = 5
 DEFAULT_BUDGET_SHARE = 0.30
 
 
-class PolicyError(ValueError):
+class PolicyError(FFNSkipError, ValueError):
     """A policy field is invalid. ``field`` names it as the user typed it."""
 
     def __init__(self, field: str, message: str):
@@ -110,8 +112,10 @@ class SkipPolicy:
             self.layers = list(self.layers)
             if len(set(self.layers)) != len(self.layers):
                 raise PolicyError("layers", f"must not repeat a layer; got {self.layers}")
-        if self.mode == "shortgpt" and not self.layers:
-            raise PolicyError("layers", "mode 'shortgpt' needs the list of removed layers")
+        if self.mode == "shortgpt" and self.layers is not None and not self.layers:
+            raise PolicyError("layers", "mode 'shortgpt' removes at least one layer; use null to measure them")
+        if self.layers is not None and self.mode != "shortgpt":
+            raise PolicyError("layers", f"applies to mode 'shortgpt' only; got mode {self.mode!r}")
         if self.skip_budget is not None and self.skip_budget < 0:
             raise PolicyError("skip_budget", f"must be >= 0; got {self.skip_budget}")
         if (
@@ -165,6 +169,18 @@ class SkipPolicy:
     def dense(cls) -> "SkipPolicy":
         return cls(mode="dense")
 
+    @classmethod
+    def shortgpt(cls, skip_budget: int | None = None, layers: list[int] | None = None) -> "SkipPolicy":
+        """ShortGPT: whole layers removed for every pass. ``layers=None``: the ``skip_budget``
+        layers of lowest block influence, to be measured on the model
+        (:func:`ffnskip.baselines.measured`; default budget: 30% of the layers)."""
+        return cls(mode="shortgpt", skip_budget=skip_budget, layers=layers, warmup_tokens=0, dense_every=0)
+
+    @property
+    def unmeasured(self) -> bool:
+        """A ``shortgpt`` policy whose layers are still to be measured (see :meth:`shortgpt`)."""
+        return self.mode == "shortgpt" and self.layers is None
+
     # ------------------------------------------------------------------ resolution
     def resolve(self, num_layers: int) -> "ResolvedPolicy":
         """Concrete eligible band and budget for a model with ``num_layers`` decoder layers."""
@@ -192,6 +208,10 @@ class SkipPolicy:
                 raise PolicyError("layers", f"{self.layers} has a layer outside a {L}-layer model")
             removed = tuple(norm)
         if self.mode == "shortgpt":
+            if self.layers is None:
+                raise PolicyError(
+                    "layers", "mode 'shortgpt' without layers: measure them first (ffnskip.baselines.measured)"
+                )
             return ResolvedPolicy(self, L, start, end, len(removed), removed)
         if self.skip_budget is None:
             budget = max(1, min(width, round(DEFAULT_BUDGET_SHARE * L)))
@@ -203,6 +223,26 @@ class SkipPolicy:
                     f"{budget} is larger than the eligible band [{start}, {end}) of {width} layers",
                 )
         return ResolvedPolicy(self, L, start, end, budget, removed)
+
+
+def parse_policy(value: "SkipPolicy | dict | str | None" = None, *, path: str | Path | None = None) -> SkipPolicy:
+    """The one way user input becomes a :class:`SkipPolicy`: a policy (returned as is), a JSON
+    object as a dict, JSON text, or (``path``) a JSON file; nothing: the default adaptive policy.
+    ``{"mode": "shortgpt"}`` without ``layers`` is a valid, unmeasured policy (see
+    :meth:`SkipPolicy.shortgpt`). Raises :class:`PolicyError` naming the field."""
+    if path is not None:
+        if value is not None:
+            raise PolicyError("<policy>", "give a policy or a file, not both")
+        return SkipPolicy.load(path)
+    if value is None:
+        return SkipPolicy()
+    if isinstance(value, SkipPolicy):
+        return value
+    if isinstance(value, str):
+        return SkipPolicy.from_json(value)
+    if isinstance(value, dict):
+        return SkipPolicy.from_dict(value)
+    raise PolicyError("<policy>", f"must be a SkipPolicy, a JSON object or JSON text; got {type(value).__name__}")
 
 
 @dataclass(frozen=True)

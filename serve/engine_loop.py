@@ -28,17 +28,18 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 from ffnskip.decode import SamplingParams, context_length, generate
 from ffnskip.engine import SeqStats
+from ffnskip.errors import FFNSkipError
 
 from .policies import PolicyEntry
 
 log = logging.getLogger(__name__)
 
 
-class Overloaded(Exception):
+class Overloaded(FFNSkipError):
     """The replica's queue is full."""
 
 
-class EngineClosed(RuntimeError):
+class EngineClosed(FFNSkipError, RuntimeError):
     """The engine was shut down."""
 
 

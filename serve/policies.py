@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ffnskip.policy import PolicyError, SkipPolicy
+from ffnskip.errors import FFNSkipError
+from ffnskip.policy import PolicyError, SkipPolicy, parse_policy
 
 
-class PolicySourceError(ValueError):
+class PolicySourceError(FFNSkipError, ValueError):
     """The policy source cannot give a policy (one line for the user). ``status``: HTTP status."""
 
     def __init__(self, message: str, status: int = 400, code: str = "invalid_policy", param: str | None = None):
@@ -59,17 +60,17 @@ def check_for_model(policy: SkipPolicy, num_layers: int | None) -> None:
 
 # ---------------------------------------------------------------------- sources
 def from_file(path: str, policy_id: str | None = None) -> PolicyEntry:
-    pol = SkipPolicy.load(path)  # PolicyError names the file or the field
+    pol = parse_policy(path=path)  # PolicyError names the file or the field
     return PolicyEntry(pol, policy_id or f"file:{Path(path).name}@{policy_hash(pol)}", {"kind": "file", "path": str(path)})
 
 
 def from_json(text: str, policy_id: str | None = None) -> PolicyEntry:
-    pol = SkipPolicy.from_json(text)
+    pol = parse_policy(text)
     return PolicyEntry(pol, policy_id or f"json:{policy_hash(pol)}", {"kind": "json"})
 
 
 def from_dict(data: Any, policy_id: str | None = None, kind: str = "json") -> PolicyEntry:
-    pol = SkipPolicy.from_dict(data)
+    pol = parse_policy(data) if isinstance(data, dict) else SkipPolicy.from_dict(data)
     return PolicyEntry(pol, policy_id or f"{kind}:{policy_hash(pol)}", {"kind": kind})
 
 

@@ -22,13 +22,15 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from ffnskip.errors import FFNSkipError
+
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 4
 MAX_TEMPERATURE = 2.0
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-class APIError(Exception):
+class APIError(FFNSkipError):
     """An OpenAI-style error response."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",

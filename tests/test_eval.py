@@ -177,11 +177,11 @@ def test_factoid_accuracy_scores_the_generated_text_not_the_prompt(smollm, cache
 
 
 def test_shortgpt_policy_from_the_profile(smollm):
-    from ffnskip.baselines import policy_from_spec, shortgpt_policy
+    from ffnskip.baselines import measured, shortgpt_policy
 
     model, tok = smollm
     pol = shortgpt_policy(model, tok, 3, text="The quick brown fox jumps over the lazy dog. " * 20, tokens=128)
     assert pol.mode == "shortgpt" and len(pol.layers) == 3 and pol.layers == sorted(pol.layers)
     assert 0 not in pol.layers  # layer 0 rewrites the residual entirely (influence ~1)
-    spec = policy_from_spec(model, tok, {"mode": "shortgpt", "skip_budget": 2})
+    spec = measured(model, tok, SkipPolicy.shortgpt(skip_budget=2))
     assert len(spec.layers) == 2

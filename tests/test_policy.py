@@ -36,8 +36,9 @@ def test_negative_indices_count_from_end():
         ({"skip_budget": -1}, "skip_budget"),
         ({"layer_start": 1.5}, "layer_start"),
         ({"layer_start": 10, "layer_end": 4}, "layer_end"),
-        ({"mode": "shortgpt"}, "layers"),
         ({"layers": [3, 3], "mode": "shortgpt"}, "layers"),
+        ({"layers": [], "mode": "shortgpt"}, "layers"),
+        ({"layers": [3], "mode": "static"}, "layers"),
         ({"lagged": "yes"}, "lagged"),
         ({"lagged": True, "mode": "random"}, "lagged"),
     ],
@@ -55,6 +56,7 @@ def test_validation_names_the_field(kwargs, field):
         ({"layer_end": 31}, "layer_end"),
         ({"layer_start": 5, "layer_end": 8, "skip_budget": 4}, "skip_budget"),
         ({"mode": "shortgpt", "layers": [30]}, "layers"),
+        ({"mode": "shortgpt"}, "layers"),  # unmeasured: runs only once measured
     ],
 )
 def test_resolve_errors_name_the_field(kwargs, field):
@@ -87,3 +89,33 @@ def test_token_budget_schedule():
     assert budgets == [0, 0, 0, 0, 3, 3, 0, 3, 3, 0, 3, 3]
     assert SkipPolicy(warmup_tokens=0, skip_budget=2, dense_every=0).resolve(10).token_budget(0) == 0  # prefill
     assert SkipPolicy(mode="dense").resolve(10).token_budget(50) == 0
+
+
+def test_one_parser_for_every_input(tmp_path):
+    from ffnskip.policy import parse_policy
+
+    pol = SkipPolicy(threshold=0.9, warmup_tokens=3)
+    f = tmp_path / "p.json"
+    pol.save(f)
+    assert parse_policy(pol) is pol
+    assert parse_policy(pol.to_dict()) == parse_policy(pol.to_json()) == parse_policy(path=f) == pol
+    assert parse_policy() == SkipPolicy()
+    short = parse_policy({"mode": "shortgpt", "skip_budget": 2})
+    assert short.unmeasured and short.skip_budget == 2
+    assert SkipPolicy.shortgpt(skip_budget=2).skip_budget == 2 and not SkipPolicy.shortgpt(layers=[3]).unmeasured
+    for bad, field in (("{nope", "<policy>"), ({"mode": "sideways"}, "mode"), (3, "<policy>")):
+        with pytest.raises(PolicyError) as err:
+            parse_policy(bad)
+        assert err.value.field == field
+    with pytest.raises(PolicyError, match="cannot read"):
+        parse_policy(path=tmp_path / "missing.json")
+
+
+def test_every_project_error_has_one_root():
+    from ffnskip import FFNSkipError, GenerationError, UnsupportedArchitecture
+    from ffnskip.eval import EvalError
+    from ffnskip.loading import ModelError
+
+    for cls in (PolicyError, GenerationError, UnsupportedArchitecture, EvalError, ModelError):
+        assert issubclass(cls, FFNSkipError)
+    assert issubclass(PolicyError, ValueError)  # and keeps its built-in base

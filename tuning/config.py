@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ffnskip.errors import FFNSkipError
+
 #: Objectives a study can optimise (at least one; quality first when present).
 OBJECTIVES = ("quality", "skip_ratio", "tokens_per_s")
 #: ``quality_metric`` values: the task's primary metric, or fidelity to the dense model's output.
@@ -25,7 +27,7 @@ DEFAULT_EVALUATOR = "ffnskip.eval:evaluate"
 RENAMED_EVALUATORS = {"ffnskip.evaluate:evaluate": DEFAULT_EVALUATOR}
 
 
-class ConfigError(ValueError):
+class ConfigError(FFNSkipError, ValueError):
     """An invalid configuration value; ``key`` names it as written in the file."""
 
     def __init__(self, key: str, message: str):

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+from ffnskip.errors import FFNSkipError
+
 #: Fidelity metrics: the dense model's own output scores 1.0 against itself.
 FIDELITY_METRICS = ("answer_agreement", "rouge_l_vs_dense")
 BEST_OBJECTIVES = ("skip_ratio", "tokens_per_s")
@@ -20,7 +22,7 @@ BEST_OBJECTIVES = ("skip_ratio", "tokens_per_s")
 _EPS = 1e-9
 
 
-class NoFeasibleTrial(ValueError):
+class NoFeasibleTrial(FFNSkipError, ValueError):
     """No completed trial satisfies the quality constraint."""
 
 

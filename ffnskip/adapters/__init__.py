@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import FFNSkipError
 from . import gemma3, gpt2, llama, mistral, qwen
 from .base import LLAMA_LAYOUT, Adapter, FastLayout
 
@@ -12,7 +13,7 @@ _BY_TYPE = {t: a for a in ADAPTERS for t in a.model_types}
 SUPPORTED_MODEL_TYPES = tuple(sorted(_BY_TYPE))
 
 
-class UnsupportedArchitecture(ValueError):
+class UnsupportedArchitecture(FFNSkipError, ValueError):
     pass
 
 

@@ -60,34 +60,14 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
-def _policy_spec(args) -> dict | None:
-    if args.policy:
-        try:
-            text = Path(args.policy).read_text()
-        except OSError as exc:
-            raise CLIError(f"--policy: cannot read {args.policy}: {exc.strerror or exc}") from None
-        flag = "--policy"
-    elif args.policy_json:
-        text, flag = args.policy_json, "--policy-json"
-    else:
+def _policy_spec(args):
+    """The ``--policy`` / ``--policy-json`` policy, validated before the model loads (an
+    unmeasured shortgpt policy is measured once the model is there); None: not given."""
+    if not (args.policy or args.policy_json):
         return None
-    try:
-        spec = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CLIError(f"{flag}: malformed JSON: {exc}") from None
-    if not isinstance(spec, dict):
-        raise CLIError(f"{flag}: must be a JSON object; got {type(spec).__name__}")
-    # Validate everything but shortgpt's measured layers before the model loads.
-    from ..policy import PolicyError, SkipPolicy
+    from ..cli import policy_from_args
 
-    probe = dict(spec)
-    if probe.get("mode") == "shortgpt" and not probe.get("layers"):
-        probe.update(mode="adaptive", layers=None)
-    try:
-        SkipPolicy.from_dict(probe)
-    except PolicyError as exc:
-        raise CLIError(f"{flag}: {exc}") from None
-    return spec
+    return policy_from_args(args)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -32,7 +32,6 @@ with the same teacher-forced function.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Sequence
@@ -53,22 +52,12 @@ __all__ = ["evaluate"]
 
 
 def _as_policy(model, tokenizer, policy, data_dir) -> SkipPolicy:
-    if policy is None:
-        return SkipPolicy()
-    if isinstance(policy, SkipPolicy):
-        return policy
-    if isinstance(policy, str):
-        try:
-            policy = json.loads(policy)
-        except json.JSONDecodeError as exc:
-            from ..policy import PolicyError
+    """A SkipPolicy, a dict or JSON text (:func:`ffnskip.policy.parse_policy`), measured for
+    this model where it is an unmeasured shortgpt policy."""
+    from ..baselines import measured
+    from ..policy import parse_policy
 
-            raise PolicyError("<policy>", f"malformed JSON: {exc}") from None
-    if isinstance(policy, dict):
-        from ..baselines import policy_from_spec
-
-        return policy_from_spec(model, tokenizer, policy, data_dir)
-    raise EvalError(f"policy must be a SkipPolicy, a dict or JSON text; got {type(policy).__name__}")
+    return measured(model, tokenizer, parse_policy(policy), data_dir)
 
 
 def _check_int(name: str, value, minimum: int, allow_none: bool = False) -> None:
@@ -105,7 +94,7 @@ def evaluate(
 
     * ``policy``: a :class:`SkipPolicy` (or its dict / JSON); ``None`` is the default policy.
       A ``{"mode": "shortgpt"}`` dict without ``layers`` gets them from the block-influence
-      profile (:func:`ffnskip.baselines.policy_from_spec`, ``skip_budget`` layers).
+      profile (:func:`ffnskip.baselines.measured`, ``skip_budget`` layers).
     * ``limit`` / ``seed``: a deterministic subset (``perplexity``: ``limit`` counts tokens).
     * ``data_file`` / ``fields``: a user file (JSONL, JSON array or CSV) and ``{"answer":
       "column"}`` (or ``["answer=column"]``) mappings; ``data_dir`` overrides the shared data.

@@ -11,14 +11,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..decode import context_length, decode_one_token, new_cache, prefill
+from ..decode import DecodeSession, GenerationError, SamplingParams, context_length
 from ..engine import SeqStats, SkipController
-
-try:  # the lean decode step (the lead's ffnskip.fastpath); the model's own forward otherwise
-    from ..fastpath import FastDecoder
-except ImportError:  # pragma: no cover
-    FastDecoder = None
 from ..policy import SkipPolicy
+from ..sync import to_host
 from .identity import _numerics
 from .tasks import EvalError
 
@@ -41,20 +37,6 @@ class TeacherForced:
     """Wall time after the prompt pass (steps 1 .. n-1)."""
 
 
-def _step_cache(model, cache, max_len: int, fast: bool | None):
-    """The decode-step cache :func:`ffnskip.decode.generate` would use for one unpadded row."""
-    if fast is False or FastDecoder is None:
-        return cache
-    why_not = FastDecoder.supports(model, max_len)
-    if why_not is None:
-        step = FastDecoder(model, 1, max_len, padded=False)
-        step.load_prefill(cache)
-        return step
-    if fast:
-        raise EvalError(f"the fast decode path does not support this model: {why_not}")
-    return cache
-
-
 @torch.inference_mode()
 def score_continuation(
     model: nn.Module,
@@ -75,8 +57,9 @@ def score_continuation(
     ``targets`` (same length) are scored from the same distributions (perplexity: dense's
     top-1 predictions). ``max_new_tokens`` is the generation setting the continuation came from
     (position-based schedules and the decode cache's size depend on it; default: its length);
-    ``fast`` picks the decode-step path as :func:`ffnskip.decode.generate` does. One host
-    synchronisation at the end (plus the controller's own).
+    ``fast`` picks the decode-step path as :func:`ffnskip.decode.generate` does: it runs on the
+    same :class:`~ffnskip.decode.DecodeSession` (:meth:`~ffnskip.decode.DecodeSession.feed` in
+    place of sampling). One host synchronisation at the end (plus the controller's own).
     """
     policy = policy or SkipPolicy.dense()
     prompt_ids = list(prompt_ids)
@@ -87,49 +70,46 @@ def score_continuation(
     if targets is not None and len(targets) != n:
         raise EvalError("targets must be as long as the continuation")
     max_len = max(n, max_new_tokens or 0)
-    ctl = SkipController(model, policy, [prompt_ids], max_new_tokens=max_len)
     if n == 0:
-        return TeacherForced([], [], [] if targets is not None else None, ctl.stats[0], 0.0)
+        return TeacherForced([], [], [] if targets is not None else None, SkipController(model, policy, [prompt_ids]).stats[0], 0.0)
     ctx = context_length(model)
     if ctx is not None and len(prompt_ids) + n > ctx:
         raise EvalError(f"prompt ({len(prompt_ids)}) + continuation ({n}) exceed the model's context of {ctx}")
+    if ctx is not None:
+        max_len = min(max_len, ctx - len(prompt_ids))
     device = next(model.parameters()).device
     cont = torch.tensor(continuation, dtype=torch.long, device=device)  # [n]
     tgt = torch.tensor(list(targets), dtype=torch.long, device=device) if targets is not None else None
-    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # [1, S]
-    mask = torch.ones_like(input_ids)  # [1, S]
-    pos = torch.arange(len(prompt_ids), device=device)[None]  # [1, S]
-    one = torch.ones((1, 1), dtype=mask.dtype, device=device)
-    cache = new_cache(model)
+    # The same decode session as generation: one row, its prompt pass, then one pass per fed token.
+    session = DecodeSession(model, None, policy, fast=fast)
+    try:
+        session.add(prompt_ids, SamplingParams(max_new_tokens=max_len, ignore_eos=True))
+        start = time.perf_counter()
+        session.admit()  # the prompt pass: the distribution of token 0
+    except GenerationError as exc:
+        raise EvalError(str(exc)) from None
+    ctl = session.ctl
+    logits = session.logits  # [1, V]
     nll, arg, tnll = [], [], []
-    start = time.perf_counter()
-    with ctl.attached():
-        ctl.begin_prefill()
-        logits = prefill(model, input_ids, mask, pos, cache)  # [1, V]
-        step_cache = _step_cache(model, cache, len(prompt_ids) + max_len, fast)
-        t_prefill = None
-        for t in range(n):
-            if t == 1:
-                logits.sum().item()  # HOST SYNC (timing only): the prompt pass is finished
-                t_prefill = time.perf_counter()
-            if t > 0:
-                mask = torch.cat([mask, one], dim=1)
-                pos = pos[:, -1:] + 1
-                ctl.begin_step([t])
-                logits = decode_one_token(model, cont[t - 1].view(1, 1), mask, pos, step_cache, ctl)  # [1, V]
-            logp = logits[0].float().log_softmax(-1)  # [V]
-            nll.append(-logp[cont[t]])
-            arg.append(logp.argmax())
-            if tgt is not None:
-                tnll.append(-logp[tgt[t]])
-            ctl.collect_cosines()  # lagged adaptive only (1 counted read per step); else a no-op
-            ctl.end_step([True])
-    out_nll = torch.stack(nll).tolist()  # HOST SYNC: once per continuation
-    out_arg = torch.stack(arg).tolist()
-    out_t = torch.stack(tnll).tolist() if tgt is not None else None
+    t_prefill = None
+    for t in range(n):
+        if t == 1:
+            logits.sum().item()  # HOST SYNC (timing only): the prompt pass is finished
+            t_prefill = time.perf_counter()
+        if t > 0:
+            logits = session.feed(cont[t - 1].view(1))  # step t (begin_step([t])): [1, V]
+        logp = logits[0].float().log_softmax(-1)  # [V]
+        nll.append(-logp[cont[t]])
+        arg.append(logp.argmax())
+        if tgt is not None:
+            tnll.append(-logp[tgt[t]])
+        ctl.collect_cosines()  # lagged adaptive only (1 counted read per step); else a no-op
+        ctl.end_step([True])
+    out_nll = to_host(torch.stack(nll))  # HOST SYNC: once per continuation
+    out_arg = to_host(torch.stack(arg))
+    out_t = to_host(torch.stack(tnll)) if tgt is not None else None
     end = time.perf_counter()
     return TeacherForced(out_nll, out_arg, out_t, ctl.stats[0], end - start, end - t_prefill if t_prefill else 0.0)
-
 
 
 # ---------------------------------------------------------------------- dense, through the cache

@@ -34,6 +34,8 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from ffnskip.errors import FFNSkipError
+
 from .models import TRIAL_STATUSES, BaselineModel, SampleModel, StudyModel, TrialModel
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,7 @@ SAMPLE_FIELDS = ("prompt", "reference", "dense_output", "output", "scores", "gen
 T = TypeVar("T")
 
 
-class StoreError(RuntimeError):
+class StoreError(FFNSkipError, RuntimeError):
     """A store could not be opened or a request cannot be met (one line for the user)."""
 
 
