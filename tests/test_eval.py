@@ -64,6 +64,16 @@ def test_factoid_report_has_every_field_and_real_skipping(smollm, cache):
     assert cache.misses == misses and cache.hits >= hits + 3  # no dense decode was recomputed
     assert again.settings["dense_cache"]["misses"] == 0
     assert again.skip["nll_vs_dense"] is None  # switched off, still reported
+    # policy minus dense, paired per sample, with intervals
+    vs = d["vs_dense"]
+    for k in ("accuracy", "exact_match", "output_identity", "answer_agreement_short", "rouge_l_vs_dense", "nll_vs_dense"):
+        assert vs[k]["n"] == 3 and vs[k]["low"] <= vs[k]["value"] <= vs[k]["high"], k
+    assert vs["accuracy"]["value"] == pytest.approx(d["skip"]["accuracy"] - d["dense"]["accuracy"])
+    assert vs["output_identity"]["value"] == pytest.approx(d["skip"]["output_identity"] - 1.0)
+    assert d["skip"]["answer_agreement"] == d["skip"]["output_identity"]  # the former name
+    assert d["skip"]["answer_agreement_short"] >= d["skip"]["output_identity"]  # a looser agreement
+    per_sample = [s["scores"]["nll_vs_dense"] - s["dense_scores"]["nll_vs_dense"] for s in rep.samples]
+    assert vs["nll_vs_dense"]["value"] == pytest.approx(sum(per_sample) / 3)  # a mean over samples (pooled: over tokens)
 
 
 def test_dense_against_dense_agrees_fully(smollm, cache):
@@ -78,6 +88,8 @@ def test_dense_against_dense_agrees_fully(smollm, cache):
     assert sk["first_divergence"] == pytest.approx(sum(lengths) / len(lengths))  # censored at the full length
     assert sk["nll_vs_dense"] == pytest.approx(rep.dense["nll_vs_dense"], abs=1e-5)
     assert rep.dense["accuracy"] == sk["accuracy"]
+    for k, iv in rep.vs_dense.items():  # dense against dense: no difference, no spread
+        assert (iv["value"], iv["low"], iv["high"]) == (0.0, 0.0, 0.0), k
 
 
 @pytest.mark.parametrize("mode", ["adaptive", "random"])
@@ -139,6 +151,9 @@ def test_perplexity_is_decoded_token_by_token(smollm, cache):
     assert rep.skip["skip_ratio"] > 0
     assert rep.primary == {"name": "perplexity", "higher_is_better": False}
     assert rep.speed["method"] == "alternating" and rep.skip["tokens_per_s"] > 0
+    assert rep.speed["pairs"] == 1 and rep.speedup_ci95 is None  # one pair: no interval claimed
+    assert rep.vs_dense["nll"]["value"] == pytest.approx(
+        sum(s["scores"]["nll"] - s["dense_scores"]["nll"] for s in rep.samples) / len(rep.samples))
     # pooled numbers from the per-sample ones, by hand (token-weighted)
     n = [s["dense_generated_tokens"] for s in rep.samples]
     for side, key in ((rep.dense, "dense_scores"), (rep.skip, "scores")):

@@ -199,3 +199,14 @@ def test_dense_cache_round_trips_through_disk(tmp_path):
     assert c2.get(key) == {"text": "hi", "produced": [5, 6]}
     assert (c2.hits, c1.misses) == (1, 1)
     assert key != c1.key("gen", "model", [1, 2, 3], {"max_new_tokens": 5})
+
+
+def test_short_answers_agree_when_only_the_rest_differs():
+    from ffnskip.eval.metrics import answer_agreement, answer_agreement_short, short_answer
+
+    assert short_answer("  \nParis. It is the capital of France.") == "paris"
+    assert short_answer("The Eiffel Tower! Built in 1889") == "eiffel tower"
+    assert answer_agreement_short("Paris. It is big.", "Paris! A city on the Seine.")
+    assert not answer_agreement("Paris. It is big.", "Paris! A city on the Seine.")
+    assert not answer_agreement_short("Paris.", "Lyon.")
+    assert answer_agreement_short("3.14 is pi", "3.14 is pi.")  # a decimal point is no sentence end

@@ -140,7 +140,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- table
 _ORDER = (
     "accuracy", "exact_match", "rouge1", "rouge2", "rouge_l", "perplexity", "judge_score",
-    "answer_agreement", "rouge_l_vs_dense", "first_divergence", "diverged", "nll_vs_dense",
+    "output_identity", "answer_agreement_short", "rouge_l_vs_dense", "first_divergence", "diverged", "nll_vs_dense",
     "repetition", "collapsed", "empty", "skip_ratio", "skip_ratio_post_warmup", "generated_tokens",
     "tokens_per_s",
 )
@@ -165,23 +165,32 @@ def format_table(data: dict) -> str:
     pol_txt = ", ".join(f"{k}={v}" for k, v in pol.items() if v is not None)
     lines = [
         f"{data['task']} on {data['model']}: {data['n']} samples | policy {pol_txt}",
-        f"{'metric':<24}{'dense':>12}{'policy':>12}",
+        f"{'metric':<24}{'dense':>12}{'policy':>12}   policy - dense [95% CI, paired over n samples]",
     ]
+    vs = data.get("vs_dense") or {}
     keys = [k for k in _ORDER if k in data["dense"] or k in data["skip"]]
     for k in keys:
         dv, sv = data["dense"].get(k), data["skip"].get(k)
         if isinstance(dv, (dict, list)) or isinstance(sv, (dict, list)):
             continue
         mark = " *" if k == prim else ""
-        lines.append(f"{k + mark:<24}{_fmt(dv) if k in data['dense'] else '':>12}{_fmt(sv):>12}")
+        diff = ""
+        iv = vs.get(k)
+        if iv and iv.get("value") is not None:
+            diff = f"   {iv['value']:+.4f} [{_fmt(iv['low'])}, {_fmt(iv['high'])}] n={iv['n']}"
+        lines.append(f"{k + mark:<24}{_fmt(dv) if k in data['dense'] else '':>12}{_fmt(sv):>12}{diff}")
     for side in ("dense", "skip"):
         bb = data[side].get("by_bucket")
         if bb:
             for b, vals in bb.items():
                 txt = " ".join(f"{m}={_fmt(v)}" for m, v in vals.items())
                 lines.append(f"  {side} {b}: {txt}")
-    sp = data.get("speedup")
-    lines.append(f"speedup {sp:.3f}x" if sp else "speedup -")
+    sp, ci = data.get("speedup"), data.get("speedup_ci95")
+    pairs = (data.get("speed") or {}).get("pairs")
+    if sp and ci:
+        lines.append(f"speedup {sp:.3f}x [95% CI {ci[0]:.3f}, {ci[1]:.3f}] over {pairs} paired runs")
+    else:
+        lines.append(f"speedup {sp:.3f}x (no interval)" if sp else "speedup -")
     lines.append(f"* primary metric ({'higher' if data['primary']['higher_is_better'] else 'lower'} is better); "
                  f"data sha256 {data['data_fingerprint'][:16]}")
     if data.get("judge"):

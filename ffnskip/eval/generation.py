@@ -16,6 +16,9 @@ from .report import RunResult
 from .tasks import Sample, Task
 from .teacher import _dense_tf, score_continuation
 
+#: What the dense output scores against itself, per sample and pooled (the fidelity metrics).
+DENSE_FIDELITY = {"output_identity": 1.0, "answer_agreement": 1.0, "answer_agreement_short": 1.0, "rouge_l_vs_dense": 1.0}
+
 
 def _generate(
     model, tokenizer, prompt_ids: list[list[int]], policy: SkipPolicy, params: SamplingParams, batch_size: int, bar
@@ -141,7 +144,7 @@ def run_generation(model, tokenizer, policy, task: Task, samples: list[Sample], 
     # ------------------------------------------------------------------ per-sample scores
     records, d_scores, s_scores = [], [], []
     d_texts, s_texts = [], []
-    div_idx, diverged, agree, rl = [], [], [], []
+    div_idx, diverged, agree, agree_short, rl = [], [], [], [], []
     for i, s in enumerate(samples):
         dt = [d["text"] for d in dense_turns[i]]
         st = [x["text"] for x in skip_turns[i]]
@@ -151,12 +154,15 @@ def run_generation(model, tokenizer, policy, task: Task, samples: list[Sample], 
         s_ids_all = [t for x in skip_turns[i] for t in x["produced"]]
         fd, dv = metrics.first_divergence(d_ids_all, s_ids_all)
         ag = all(metrics.answer_agreement(a, b) for a, b in zip(dt, st))
+        ag_short = all(metrics.answer_agreement_short(a, b) for a, b in zip(dt, st))
         r = metrics.rouge_l(s_join, d_join)
         sc = task.score(s_join if conv else st[0], s)
         dsc = task.score(d_join if conv else dt[0], s)
         n_tok = len(nll_skip[i])
         sc.update({
-            "answer_agreement": float(ag),
+            "output_identity": float(ag),
+            "answer_agreement": float(ag),  # the former name of output_identity
+            "answer_agreement_short": float(ag_short),
             "rouge_l_vs_dense": r,
             "first_divergence": fd,
             "diverged": float(dv),
@@ -165,6 +171,7 @@ def run_generation(model, tokenizer, policy, task: Task, samples: list[Sample], 
             "collapsed": float(metrics.is_collapsed(s_join)),
         })
         dsc.update({
+            **DENSE_FIDELITY,  # dense against itself
             "nll_vs_dense": sum(nll_dense[i]) / n_tok if n_tok else None,
             "repetition": metrics.repetition(d_join),
             "collapsed": float(metrics.is_collapsed(d_join)),
@@ -176,6 +183,7 @@ def run_generation(model, tokenizer, policy, task: Task, samples: list[Sample], 
         div_idx.append(fd)
         diverged.append(dv)
         agree.append(ag)
+        agree_short.append(ag_short)
         rl.append(r)
         stats = SeqStats.merge([x["stats"] for x in skip_turns[i]])
         prompt_text = (_render(tokenizer, skip_prompts[i][0]) if not conv else list(s.input))
@@ -201,6 +209,7 @@ def run_generation(model, tokenizer, policy, task: Task, samples: list[Sample], 
     dense = dict(task.aggregate(samples, d_scores))
     dense.update(_degeneration(d_texts))
     dense.update({
+        **DENSE_FIDELITY,
         "nll_vs_dense": sum(sum(v) for v in nll_dense) / n_nll if n_nll else None,
         "generated_tokens": sum(d["generated_tokens"] for turns in dense_turns for d in turns),
     })
@@ -209,7 +218,9 @@ def run_generation(model, tokenizer, policy, task: Task, samples: list[Sample], 
     skip.update({
         "skip_ratio": pooled.skip_ratio,
         "skip_ratio_post_warmup": pooled.skip_ratio_post_warmup,
-        "answer_agreement": metrics.mean(float(a) for a in agree),
+        "output_identity": metrics.mean(float(a) for a in agree),
+        "answer_agreement": metrics.mean(float(a) for a in agree),  # the former name of output_identity
+        "answer_agreement_short": metrics.mean(float(a) for a in agree_short),
         "rouge_l_vs_dense": metrics.mean(rl),
         "first_divergence": metrics.mean(div_idx),
         "diverged": metrics.mean(float(d) for d in diverged),

@@ -46,6 +46,7 @@ from .judge import run_judge
 from .perplexity import run_perplexity
 from .report import EvalReport
 from .speed import run_speed
+from .stats import vs_dense
 from .tasks import EvalError, Task, fingerprint, get_task
 
 __all__ = ["evaluate"]
@@ -200,6 +201,8 @@ def evaluate(
         settings=settings,
         speed=speed,
         judge=judge_info,
+        vs_dense=vs_dense(run.samples),
+        speedup_ci95=speed.get("speedup_ci95") if measure_speed else None,
         samples=run.samples,
     )
 

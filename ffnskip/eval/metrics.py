@@ -82,8 +82,25 @@ def exact_match(prediction: str, answers: str | Iterable[str]) -> bool:
 
 
 def answer_agreement(a: str, b: str) -> bool:
-    """Two outputs agree when their SQuAD-normalised texts are equal."""
+    """Two outputs agree when their SQuAD-normalised texts are equal (``output_identity``)."""
     return normalize_answer(a) == normalize_answer(b)
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s")
+
+
+def short_answer(text: str) -> str:
+    """The short answer of an output: its first non-empty line, cut at the end of its first
+    sentence, SQuAD-normalised (``"Paris. It is the capital"`` and ``"Paris!"`` both give
+    ``"paris"``)."""
+    line = next((ln for ln in str(text).splitlines() if ln.strip()), "")
+    first = _SENTENCE_END.split(line.strip(), maxsplit=1)[0]
+    return normalize_answer(first)
+
+
+def answer_agreement_short(a: str, b: str) -> bool:
+    """The short answers agree (:func:`short_answer`): a rewording after the answer does not count."""
+    return short_answer(a) == short_answer(b)
 
 
 # ---------------------------------------------------------------------- ROUGE

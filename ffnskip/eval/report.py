@@ -48,6 +48,11 @@ class EvalReport:
     settings: dict = field(default_factory=dict)
     speed: dict = field(default_factory=dict)
     judge: dict | None = None
+    vs_dense: dict = field(default_factory=dict)
+    """Policy minus dense per metric over the samples, with paired bootstrap 95% intervals:
+    ``{metric: {"value", "low", "high", "n", "level"}}`` (:func:`~ffnskip.eval.stats.vs_dense`)."""
+    speedup_ci95: list | None = None
+    """Paired bootstrap 95% interval of ``speedup`` over the alternating runs (None: no interval)."""
     samples: list[dict] = field(default_factory=list)
     """Per sample: index, id, prompt, reference, dense_output, output, scores, dense_scores,
     generated_tokens, skipped_ffn, skip_ratio."""
@@ -65,6 +70,8 @@ class EvalReport:
             "dense": self.dense,
             "skip": self.skip,
             "speedup": self.speedup,
+            "speedup_ci95": self.speedup_ci95,
+            "vs_dense": self.vs_dense,
             "data_fingerprint": self.data_fingerprint,
             "settings": self.settings,
             "speed": self.speed,

@@ -11,6 +11,7 @@ from ..engine import SeqStats
 from ..policy import SkipPolicy
 from .progress import _bar
 from .report import RunResult
+from .stats import paired_speedup
 from .tasks import Task
 from .teacher import score_continuation
 
@@ -24,13 +25,16 @@ def measure_speed(run: Callable[[SkipPolicy, Any], tuple[int, float]], policy: S
                   rounds: int = 2) -> dict:
     """Decode tokens/s of dense and of ``policy`` in this process: one warm-up run of each, then
     ``rounds`` rounds over ``items``, dense and policy alternating per item (the order flips
-    every round). ``run(policy, item)`` decodes one item and returns ``(tokens, seconds)``."""
+    every round). ``run(policy, item)`` decodes one item and returns ``(tokens, seconds)``.
+    Each item of each round is one back-to-back pair: ``speedup_ci95`` is the paired bootstrap
+    interval of the pooled speed-up over the ``pairs`` (:func:`~ffnskip.eval.stats.paired_speedup`)."""
     dense = SkipPolicy.dense()
     if not items:
         return {"method": "none", "dense_tokens_per_s": None, "skip_tokens_per_s": None}
     run(dense, items[0])
     run(policy, items[0])
     totals = {"dense": [0, 0.0], "skip": [0, 0.0]}
+    pairs: dict[str, list[tuple[int, float]]] = {"dense": [], "skip": []}  # one back-to-back pair per item and round
     for r in range(rounds):
         order = [("dense", dense), ("skip", policy)]
         if r % 2:
@@ -40,8 +44,12 @@ def measure_speed(run: Callable[[SkipPolicy, Any], tuple[int, float]], policy: S
                 tokens, seconds = run(pol, item)
                 totals[name][0] += tokens
                 totals[name][1] += seconds
+                pairs[name].append((tokens, seconds))
     tps = {k: (v[0] / v[1] if v[1] > 0 else None) for k, v in totals.items()}
+    ci = paired_speedup(pairs["dense"], pairs["skip"])
     return {
+        "pairs": ci.n,
+        "speedup_ci95": None if ci.low is None else [ci.low, ci.high],
         "method": "alternating",
         "items": len(items),
         "rounds": rounds,

@@ -91,3 +91,20 @@ def paired_speedup(dense: Sequence[tuple[int, float]], policy: Sequence[tuple[in
     boots = [ratio(rng.choices(pairs, k=n)) for _ in range(n_boot)]
     lo, hi = _percentiles(boots, level)
     return Interval(point, lo, hi, n, level)
+
+
+def vs_dense(samples: Sequence[dict], *, level: float = 0.95, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, dict]:
+    """Policy minus dense for every per-sample metric both sides carry (``scores`` and
+    ``dense_scores`` of the report's samples; fidelity metrics score 1.0 for dense), each with
+    its paired bootstrap interval: ``{metric: Interval.to_dict()}``."""
+    names: list[str] = []
+    for s in samples:
+        for k, v in (s.get("scores") or {}).items():
+            if k not in names and isinstance(v, (int, float)) and not isinstance(v, bool) and k in (s.get("dense_scores") or {}):
+                names.append(k)
+    out = {}
+    for k in names:
+        pol = [(s.get("scores") or {}).get(k) for s in samples]
+        den = [(s.get("dense_scores") or {}).get(k) for s in samples]
+        out[k] = paired_difference(pol, den, level=level, n_boot=n_boot, seed=seed).to_dict()
+    return out
