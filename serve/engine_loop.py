@@ -1,17 +1,18 @@
-"""The replica's engine loop: requests from many clients batched into :func:`ffnskip.generate`.
+"""The replica's engine loop: continuous batching of many clients' requests on one decode session.
 
-One engine thread per replica. It takes the oldest waiting request, waits up to ``batch_wait_s``
-for more, and runs every compatible waiting request (same skip policy, up to
-``max_batch_size``) as one ``generate`` batch on one decode session; skip decisions stay per
-sequence (per row), as the engine makes them, and so do sampling settings, ``max_tokens`` and
-stop strings (one :class:`SamplingParams` per row: a row ends at its own limit and leaves the
-batch). Each row's tokens go to its request's asyncio queue as they are produced. Requests
-arriving while a batch runs wait for the next batch (no joining mid-batch yet).
+One engine thread per replica runs one :class:`~ffnskip.decode.DecodeSession` at a time. An idle
+engine waits up to ``batch_wait_s`` after the oldest request for more, then starts a session with
+every waiting request of the same skip policy (up to ``max_batch_size``). While it runs, waiting
+requests of the same policy join it at the next step (their prompt pass, then they decode with
+the others), and rows leave as soon as they end: EOS, a stop string, their own ``max_tokens``, or
+a cancellation (client gone, timeout), after which they compute nothing more. Sampling settings,
+lengths and stop strings are per row; skip decisions are per sequence, as the engine makes them.
+A request for another policy at the head of the queue stops further joins: the batch drains and
+that policy's session is next (no request waits behind an endless stream of joiners). On the
+model's own forward (families without a fast-path layout) a running session takes no joiners.
 
-A cancelled row (client gone, timeout) ends through ``generate``'s ``cancelled`` callback at its
-next token and computes nothing more; a batch whose rows are all finished or cancelled stops.
-
-A failure inside a batch is reported to that batch's requests; the loop itself keeps running.
+Each row's tokens go to its request's asyncio queue as they are produced. A failure inside a step
+is reported to the requests of that session; the loop itself keeps running.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
-from ffnskip.decode import SamplingParams, context_length, generate
+from ffnskip.decode import DecodeSession, SamplingParams, context_length
 from ffnskip.engine import SeqStats
 from ffnskip.errors import FFNSkipError
 
@@ -85,6 +86,8 @@ class GenRequest:
         self.batch_size: int | None = None
         self.cancelled = False
         self.cancel_reason: str | None = None
+        self.row: int | None = None  # its row id in the engine's decode session
+        self.completion = 0  # tokens sent
         self.finished = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[Item] | None = None
@@ -131,11 +134,12 @@ class GenRequest:
 
 
 class BatchEngine:
-    """Runs :class:`GenRequest` batches on one thread. ``submit`` from the event loop."""
+    """Continuous batching on one thread: requests join the running decode session at its next
+    step and leave it as they end. ``submit`` from the event loop."""
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, batch_wait_s: float = 0.01,
                  max_queued: int = 32, on_batch: Callable[[int], None] | None = None,
-                 generate_fn: Callable[..., Any] = generate):
+                 session_factory: Callable[..., DecodeSession] = DecodeSession):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -143,13 +147,16 @@ class BatchEngine:
         self.max_queued = max_queued
         self.context = context_length(model)
         self._on_batch = on_batch
-        self._generate = generate_fn
+        self._new_session = session_factory
         self._cond = threading.Condition()
         self._pending: deque[GenRequest] = deque()
-        self._running: list[GenRequest] = []
+        self._live: dict[int, GenRequest] = {}  # row id in the running session -> request
+        self._session: DecodeSession | None = None
+        self._key: tuple | None = None  # the running session's group key (its policy)
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="ffnskip-engine", daemon=True)
         self.batches = 0
+        """Admissions: each time waiting requests joined (or started) the running batch."""
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "BatchEngine":
@@ -173,7 +180,7 @@ class BatchEngine:
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        return len(self._live)
 
     # ------------------------------------------------------------------ submission
     def submit(self, req: GenRequest) -> GenRequest:
@@ -182,11 +189,11 @@ class BatchEngine:
         with self._cond:
             if self._stop or not self._thread.is_alive():
                 raise EngineClosed("the engine is not running")
-            # An idle engine takes a whole batch at once; a busy one holds max_queued more.
-            capacity = self.max_queued + (0 if self._running else self.max_batch_size)
+            # Room in the running batch plus max_queued more.
+            capacity = self.max_queued + max(0, self.max_batch_size - len(self._live))
             if len(self._pending) >= capacity:
                 raise Overloaded(
-                    f"the server is overloaded: {len(self._running)} sequences decoding and "
+                    f"the server is overloaded: {len(self._live)} sequences decoding and "
                     f"{len(self._pending)} waiting (queue bound {self.max_queued}); retry later"
                 )
             req.enqueued = time.monotonic()
@@ -198,112 +205,112 @@ class BatchEngine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._stop:
+                while not self._pending and not self._live and not self._stop:
                     self._cond.wait()
                 if self._stop:
                     break
-                head = self._pending[0]
-                deadline = (head.enqueued or time.monotonic()) + self.batch_wait_s
-                while not self._stop and len(self._pending) < self.max_batch_size:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
+                if not self._live and self._pending:  # idle: let a batch gather for batch_wait_s
+                    deadline = (self._pending[0].enqueued or time.monotonic()) + self.batch_wait_s
+                    while not self._stop and len(self._pending) < self.max_batch_size:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+                    if self._stop:
                         break
-                    self._cond.wait(left)
-                if self._stop:
-                    break
-                batch = self._take_batch()
-                self._running = batch
+                joiners = self._take_joiners()
             try:
-                if batch:
-                    self._run_batch(batch)
+                if joiners:
+                    self._admit(joiners)
+                if self._live:
+                    self._step()
             except BaseException as exc:  # never let the thread die on a batch
-                log.exception("engine batch failed")
-                for r in batch:
+                log.exception("engine step failed")
+                for r in list(self._live.values()) + [r for r in joiners if r not in self._live.values()]:
                     r._post(ErrorItem(exc))
-            finally:
-                with self._cond:
-                    self._running = []
+                self._live.clear()
+                self._session = None
+                if not isinstance(exc, Exception):
+                    raise
         with self._cond:
-            left = list(self._pending)
+            left = list(self._pending) + list(self._live.values())
             self._pending.clear()
+            self._live.clear()
         for r in left:
             r._post(ErrorItem(EngineClosed("the server is shutting down")))
 
-    def _take_batch(self) -> list[GenRequest]:
-        """Pop the oldest live request and the compatible ones after it (lock held)."""
+    def _take_joiners(self) -> list[GenRequest]:
+        """Waiting requests that join the running batch now (lock held): the running session's
+        policy (any policy when idle), up to ``max_batch_size`` rows. A request for another
+        policy at the head of the queue stops further joins, so the batch drains and it is next."""
         while self._pending and self._pending[0].cancelled:
             self._pending.popleft()
         if not self._pending:
             return []
-        head = self._pending[0]
-        key = head.group_key()
-        batch: list[GenRequest] = []
-        longest = 0
-        most = 0
+        if self._live:
+            if self._session is None or not self._session.can_join or self._pending[0].group_key() != self._key:
+                return []
+            key, room = self._key, self.max_batch_size - len(self._live)
+        else:
+            key, room = self._pending[0].group_key(), self.max_batch_size
+        taken: list[GenRequest] = []
         keep: deque[GenRequest] = deque()
         for r in self._pending:
             if r.cancelled:
                 continue
-            fits = len(batch) < self.max_batch_size and r.group_key() == key
-            if fits and self.context is not None:
-                fits = max(longest, len(r.prompt_ids)) + max(most, r.params.max_new_tokens) <= self.context
-            if fits:
-                batch.append(r)
-                longest = max(longest, len(r.prompt_ids))
-                most = max(most, r.params.max_new_tokens)
+            if len(taken) < room and r.group_key() == key:
+                taken.append(r)
             else:
                 keep.append(r)
         self._pending = keep
-        return batch
+        return taken
 
-    def _run_batch(self, batch: list[GenRequest]) -> None:
-        B = len(batch)
+    def _admit(self, joiners: list[GenRequest]) -> None:
+        """Add the joiners to the running session (a new one when idle): their prompt passes run
+        at the session's next step."""
+        if not self._live:
+            self._session = self._new_session(self.model, self.tokenizer, joiners[0].entry.policy,
+                                              cancelled=lambda row: self._row_cancelled(row))
+            self._key = joiners[0].group_key()
         now = time.monotonic()
-        for r in batch:
+        for r in joiners:
+            try:
+                res = self._session.add(r.prompt_ids, r.params)
+            except ValueError as exc:  # e.g. prompt + max_tokens beyond the context: this request only
+                r._post(ErrorItem(exc))
+                continue
             r.started = now
-            r.batch_size = B
+            r.row = res.row
+            r.completion = 0
+            self._live[res.row] = r
+        for r in self._live.values():
+            r.batch_size = len(self._live)
         self.batches += 1
         if self._on_batch is not None:
-            self._on_batch(B)
-        done = [False] * B
-        count = [0] * B
+            self._on_batch(len(self._live))
 
-        def stop_row(i: int) -> bool:
-            """Asked by ``generate`` after each token of a live row: end a cancelled row."""
-            return batch[i].cancelled
+    def _row_cancelled(self, row: int) -> bool:
+        r = self._live.get(row)
+        return r is None or r.cancelled
 
-        gen = self._generate(self.model, self.tokenizer, [r.prompt_ids for r in batch], batch[0].entry.policy,
-                             [r.params for r in batch], cancelled=stop_row)
-        try:
-            for ev in gen:
-                i = ev.row
-                r = batch[i]
-                if done[i]:
-                    continue
-                if r.cancelled:  # the client left (or timed out): nobody reads this row any more
-                    done[i] = True
-                else:
-                    count[i] += 1
-                    r._post(TokenItem(ev.delta, time.monotonic()))
-                    if ev.finished:  # EOS, a stop string, its own max_tokens
-                        done[i] = True
-                        r._post(DoneItem("", ev.result.text, ev.result.finish_reason, count[i],
-                                         copy.deepcopy(ev.result.stats)))
-                if self._stop:
-                    raise EngineClosed("the server is shutting down")
-                if all(done[j] or batch[j].cancelled for j in range(B)):
-                    break
-        except BaseException as exc:
-            for j, r in enumerate(batch):
-                if not done[j]:
-                    done[j] = True
-                    r._post(ErrorItem(exc))
-            if not isinstance(exc, Exception):
-                raise
-            if not isinstance(exc, EngineClosed):
-                log.warning("batch of %d failed: %s", B, exc)
-        finally:
-            gen.close()
-        for j, r in enumerate(batch):  # cancelled rows: tell a consumer that may still listen
-            if not done[j]:
-                r._post(ErrorItem(asyncio.CancelledError(r.cancel_reason or "cancelled")))
+    def _step(self) -> None:
+        """One step of the running session: every live row's next token to its request."""
+        for ev in self._session.step():
+            r = self._live.get(ev.row)
+            if r is None:
+                continue
+            if ev.result.finish_reason == "cancelled" or r.cancelled:  # the client left (or timed out)
+                if ev.finished:
+                    del self._live[ev.row]
+                    r._post(ErrorItem(asyncio.CancelledError(r.cancel_reason or "cancelled")))
+                continue
+            r.completion += 1
+            r._post(TokenItem(ev.delta, time.monotonic()))
+            if ev.finished:  # EOS, a stop string, its own max_tokens
+                del self._live[ev.row]
+                r._post(DoneItem("", ev.result.text, ev.result.finish_reason, r.completion,
+                                 copy.deepcopy(ev.result.stats)))
+        if self._stop:
+            raise EngineClosed("the server is shutting down")
+        if self._session is not None and self._session.done:
+            self._live.clear()

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from tiny import TinyTokenizer, tiny_model
 
-from ffnskip import SamplingParams, SkipPolicy, generate, generate_text
+from ffnskip import DecodeSession, SamplingParams, SkipPolicy, generate, generate_text
 from ffnskip.cli import main as cli_main
 from serve import policies
 from serve.config import ServeArgs
@@ -117,14 +117,15 @@ def test_engine_batches_rows_with_different_max_tokens_like_single_runs(tiny):
     batch_sizes = []
     events = []
 
-    def counting_generate(*a, **kw):
-        for ev in generate(*a, **kw):
-            events.append(ev.row)
-            yield ev
+    class CountingSession(DecodeSession):
+        def step(self):
+            evs = super().step()
+            events.extend(ev.row for ev in evs)
+            return evs
 
     async def run():
         eng = BatchEngine(model, tok, max_batch_size=8, batch_wait_s=0.2, on_batch=batch_sizes.append,
-                          generate_fn=counting_generate).start()
+                          session_factory=CountingSession).start()
         try:
             reqs = [eng.submit(GenRequest(p, SamplingParams(max_new_tokens=n, temperature=0, stop=("3 9",)),
                                           _entry(SKIPPY))) for p, n in zip(prompts, limits)]
@@ -135,7 +136,7 @@ def test_engine_batches_rows_with_different_max_tokens_like_single_runs(tiny):
     outs, batches = asyncio.run(run())
     assert batches == 1 and batch_sizes == [4]
     for row, (p, n, (toks, done)) in enumerate(zip(prompts, limits, outs)):
-        assert events.count(row) == done.completion_tokens  # generate ended the row at its own limit
+        assert events.count(row) == done.completion_tokens  # the session ended the row at its own limit
         results = []
         for _ in generate(model, tok, [p], SKIPPY, SamplingParams(max_new_tokens=n, temperature=0, stop=("3 9",)),
                           results=results):
@@ -153,13 +154,14 @@ def test_cancelled_rows_stop_and_an_all_cancelled_batch_ends_early(tiny):
     model, tok = tiny
     steps = []
 
-    def counting_generate(*a, **kw):
-        for ev in generate(*a, **kw):
-            steps.append(ev.row)
-            yield ev
+    class CountingSession(DecodeSession):
+        def step(self):
+            evs = super().step()
+            steps.extend(ev.row for ev in evs)
+            return evs
 
     async def run():
-        eng = BatchEngine(model, tok, max_batch_size=2, batch_wait_s=0.2, generate_fn=counting_generate).start()
+        eng = BatchEngine(model, tok, max_batch_size=2, batch_wait_s=0.2, session_factory=CountingSession).start()
         try:
             a = eng.submit(GenRequest([1, 2], SamplingParams(max_new_tokens=400, temperature=0), _entry(SKIPPY)))
             b = eng.submit(GenRequest([3, 4], SamplingParams(max_new_tokens=400, temperature=0), _entry(SKIPPY)))
@@ -193,14 +195,18 @@ def test_queue_bound_overloads_and_a_failing_batch_does_not_kill_the_engine(tiny
     model, tok = tiny
     calls = []
 
-    def flaky_generate(m, t, prompts, policy, params, **kw):
-        calls.append(len(prompts))
-        if prompts[0][0] == 99:
-            raise RuntimeError("boom")
-        yield from generate(m, t, prompts, policy, params, **kw)
+    class FlakySession(DecodeSession):
+        def __init__(self, *a, **kw):
+            calls.append(1)
+            super().__init__(*a, **kw)
+
+        def step(self):
+            if any(r.result.prompt_ids[0] == 99 for r in self.waiting + self.rows):
+                raise RuntimeError("boom")
+            return super().step()
 
     async def run():
-        eng = BatchEngine(model, tok, max_batch_size=1, batch_wait_s=0.0, max_queued=1, generate_fn=flaky_generate).start()
+        eng = BatchEngine(model, tok, max_batch_size=1, batch_wait_s=0.0, max_queued=1, session_factory=FlakySession).start()
         try:
             bad = eng.submit(GenRequest([99], SamplingParams(max_new_tokens=3), _entry(SKIPPY)))
             item = await bad.next_item()
@@ -218,7 +224,43 @@ def test_queue_bound_overloads_and_a_failing_batch_does_not_kill_the_engine(tiny
             eng.close()
 
     asyncio.run(run())
-    assert calls[0] == 1 and len(calls) == 3
+    assert len(calls) == 3  # one session each: the failing one, a, then b once a left
+
+
+def test_a_request_joins_a_running_batch_and_decodes_as_alone(tiny):
+    """Continuous batching: b arrives while a decodes, joins a's batch at the next step (before a
+    ends), leaves at its own length; both decode exactly what they decode alone."""
+    model, tok = tiny
+    joined = []
+
+    class Watching(DecodeSession):
+        def step(self):
+            evs = super().step()
+            joined.append(len(self.rows) + sum(ev.finished for ev in evs))
+            return evs
+
+    async def run():
+        eng = BatchEngine(model, tok, max_batch_size=4, batch_wait_s=0.0, session_factory=Watching).start()
+        try:
+            a = eng.submit(GenRequest([1, 2, 3], SamplingParams(max_new_tokens=40, temperature=0), _entry(SKIPPY)))
+            for _ in range(5):
+                assert isinstance(await a.next_item(), TokenItem)
+            b = eng.submit(GenRequest([9, 8, 7, 6, 5, 4, 3], SamplingParams(max_new_tokens=6, temperature=0), _entry(SKIPPY)))
+            out_b = await _collect(b)
+            out_a = await _collect(a)
+            return out_a, out_b, eng.batches
+        finally:
+            eng.close()
+
+    (toks_a, done_a), (toks_b, done_b), batches = asyncio.run(run())
+    assert batches == 2 and max(joined) == 2  # b joined a's running session
+    assert done_b.completion_tokens == len(toks_b) == 6 and done_a.completion_tokens == 40 and len(toks_a) == 40 - 5
+    for prompt, n, done in (([1, 2, 3], 40, done_a), ([9, 8, 7, 6, 5, 4, 3], 6, done_b)):
+        results = []
+        for _ in generate(model, tok, [prompt], SKIPPY, SamplingParams(max_new_tokens=n, temperature=0), results=results):
+            pass
+        assert done.text == results[0].text
+        assert done.stats.skipped_per_layer == results[0].stats.skipped_per_layer
 
 
 def test_batch_grouping_keys():
