@@ -49,6 +49,12 @@ class ServeArgs(BaseModel):
     """Identifier reported as ``ffnskip.policy_id`` (default: derived from the source)."""
     allow_policy_override: bool = True
     """Accept a per-request ``ffnskip_policy`` field."""
+    allow_ignore_eos: bool = True
+    """Accept ``ignore_eos`` (a client can then hold a row for its whole ``max_tokens``)."""
+    max_tokens_limit: int | None = Field(None, ge=1)
+    """Largest ``max_tokens`` a request may ask for (default: the model's context window)."""
+    max_prompt_chars: int = Field(200_000, ge=1)
+    """Longest prompt (all message contents together) accepted, in characters, before tokenising."""
 
     # ------------------------------------------------------------------ capacity
     num_replicas: int = Field(1, ge=1)

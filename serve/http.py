@@ -41,7 +41,7 @@ async def read_body(request: Request) -> bytes:
 
 def error_response(err: APIError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-    if err.status == 503:
+    if err.status in (429, 503):
         headers = {"Retry-After": "1"}
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
@@ -74,14 +74,15 @@ def build_app(service) -> FastAPI:
     async def _internal(request: Request, exc: Exception):
         log.exception("unhandled error on %s", request.url.path)
         record(request.url.path, 500)
-        return error_response(APIError(500, f"internal error: {type(exc).__name__}", type="server_error",
+        # No exception text in the body (it may carry paths, prompts or keys): it is in the log.
+        return error_response(APIError(500, "internal server error (logged on the server)", type="server_error",
                                        code="internal_error"))
 
     async def generate(request: Request, endpoint: str):
         service.check_api_key(request.headers.get("authorization"))
         body = parse_json_body(await read_body(request))
         req = parse_chat(body) if endpoint == CHAT else parse_completion(body)
-        greq, meta = service.submit(req)
+        greq, meta = await service.submit_async(req)  # tokenisation and chat templating off the event loop
         if req.stream:
             return StreamingResponse(service.stream(greq, meta, lambda s: record(endpoint, s)),
                                      media_type="text/event-stream",

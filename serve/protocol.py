@@ -51,7 +51,8 @@ def invalid(message: str, param: str | None = None, code: str | None = "invalid_
 
 
 def overloaded(message: str) -> APIError:
-    return APIError(503, message, type="server_error", code="server_overloaded")
+    """The replica's queue is full: 429 with ``Retry-After`` (clients back off and retry)."""
+    return APIError(429, message, type="server_error", code="server_overloaded")
 
 
 def unauthorized(message: str = "missing or invalid API key: pass it as 'Authorization: Bearer KEY'") -> APIError:
@@ -173,6 +174,12 @@ def _common(body: dict, kind: str) -> GenerationRequest:
                     and not isinstance(body[key], (int, float, bool, type(None))):
                 raise _type_error(key, "a number", body[key])
             raise invalid(f"'{key}' is not supported by this server", param=key, code="unsupported_parameter")
+    rf = body.get("response_format")
+    if rf is not None:
+        kind_rf = rf.get("type") if isinstance(rf, dict) else None
+        if kind_rf != "text":  # JSON modes would be silently ignored otherwise
+            raise invalid(f"'response_format' {json.dumps(rf)[:80]} is not supported by this server; only {{\"type\": \"text\"}}",
+                          param="response_format", code="unsupported_parameter")
     n = _opt_int(body, "n")
     if n is not None and n != 1:
         raise invalid(f"only n=1 is supported; got {n}", param="n", code="unsupported_parameter")

@@ -74,6 +74,8 @@ class Service:
         self.vocab_size = getattr(emb, "num_embeddings", None) or getattr(model.config, "vocab_size", None)
         self.api_key = api_key or None
         self.admin_key = admin_key or None
+        if self.admin_key is not None and self.admin_key == self.api_key:
+            raise ValueError(f"{ENV_ADMIN_KEY} must differ from {ENV_API_KEY}: every client could swap the policy")
         policies.check_for_model(entry.policy, self.num_layers)
         self.holder = PolicyHolder(entry)
         self.metrics = ServeMetrics()
@@ -214,7 +216,17 @@ class Service:
                 policies.check_for_model(entry.policy, self.num_layers)
             except PolicyError as exc:
                 raise invalid(str(exc), param=f"ffnskip_policy.{exc.field}", code="invalid_policy") from None
+        if req.ignore_eos and not self.args.allow_ignore_eos:
+            raise APIError(403, "ignore_eos is disabled on this server", type="permission_error", param="ignore_eos",
+                           code="ignore_eos_disabled")
+        limit = self.args.max_tokens_limit
+        if limit is not None and req.max_tokens is not None and req.max_tokens > limit:
+            raise invalid(f"max_tokens ({req.max_tokens}) is above this server's limit of {limit}", param="max_tokens")
         param = req.prompt_param
+        chars = len(req.prompt) if isinstance(req.prompt, str) else sum(len(str(m.get("content", ""))) for m in req.messages or [])
+        if chars > self.args.max_prompt_chars:
+            raise invalid(f"the prompt is {chars} characters; this server accepts at most {self.args.max_prompt_chars}",
+                          param=param, code="context_length_exceeded")
         try:
             if req.kind == "chat":
                 ids = encode_prompt(self.front_tokenizer, req.messages)
@@ -240,6 +252,8 @@ class Service:
         max_tokens = req.max_tokens
         if max_tokens is None:
             max_tokens = self.args.default_max_tokens if ctx is None else min(self.args.default_max_tokens, ctx - n)
+            if limit is not None:
+                max_tokens = min(max_tokens, limit)
         elif ctx is not None and n + max_tokens > ctx:
             raise invalid(f"max_tokens ({max_tokens}) + the prompt ({n} tokens) exceed the model's context window "
                           f"of {ctx} tokens", param="max_tokens", code="context_length_exceeded")
@@ -250,8 +264,16 @@ class Service:
             raise invalid(str(exc)) from None
         return GenRequest(ids, params, entry)
 
+    async def submit_async(self, req: GenerationRequest) -> tuple[GenRequest, ResponseMeta]:
+        """:meth:`submit` with the tokenisation (and chat templating) in a worker thread, so a long
+        prompt does not stall the event loop that streams the other requests' tokens."""
+        greq = await asyncio.to_thread(self.prepare, req)
+        return self._submit(req, greq)
+
     def submit(self, req: GenerationRequest) -> tuple[GenRequest, ResponseMeta]:
-        greq = self.prepare(req)
+        return self._submit(req, self.prepare(req))
+
+    def _submit(self, req: GenerationRequest, greq: GenRequest) -> tuple[GenRequest, ResponseMeta]:
         try:
             self.engine.submit(greq)
         except Overloaded as exc:
@@ -284,8 +306,8 @@ class Service:
             return invalid(str(exc))
         if isinstance(exc, EngineClosed):
             return APIError(503, str(exc), type="server_error", code="engine_down")
-        return APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error",
-                        code="internal_error")
+        log.error("generation failed: %s: %s", type(exc).__name__, exc)  # the details stay in the log
+        return APIError(500, "generation failed (logged on the server)", type="server_error", code="internal_error")
 
     def _timeout(self) -> APIError:
         return APIError(504, f"the request did not finish within {self.args.request_timeout_s:g} s",

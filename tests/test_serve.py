@@ -387,7 +387,7 @@ def _metric(text: str, name: str) -> float:
     return total
 
 
-def test_overload_gives_503_and_disconnects_stop_generation(server):
+def test_overload_gives_429_and_disconnects_stop_generation(server):
     n = MAX_BATCH + MAX_QUEUED + 2
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Count to one hundred."}], "max_tokens": 64,
             "ignore_eos": True, "temperature": 0, "stream": True}
@@ -416,7 +416,7 @@ def test_overload_gives_503_and_disconnects_stop_generation(server):
         t.start()
     opened.wait(180)
     accepted = statuses.count(200)
-    rejected = [e for s, e in zip(statuses, errors) if s == 503]
+    rejected = [e for s, e in zip(statuses, errors) if s == 429]
     with server.client() as c:
         during = c.get("/healthz").json()
     release.set()
@@ -440,7 +440,7 @@ def test_overload_gives_503_and_disconnects_stop_generation(server):
             time.sleep(0.5)
         generated = _metric(m, "ffnskip_generated_tokens_total") - _metric(before, "ffnskip_generated_tokens_total")
         assert generated < accepted * 64  # nobody got all 64 tokens
-        assert _metric(m, 'ffnskip_requests_total{endpoint="/v1/chat/completions",status="503"}') >= len(rejected)
+        assert _metric(m, 'ffnskip_requests_total{endpoint="/v1/chat/completions",status="429"}') >= len(rejected)
         assert c.get("/healthz").status_code == 200
 
 

@@ -54,6 +54,8 @@ MSG = [{"role": "user", "content": "hi"}]
     ({"messages": MSG, "stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),
     ({"messages": MSG, "ffnskip_policy": [1]}, "ffnskip_policy", "invalid_type"),
     ({"messages": MSG, "model": 7}, "model", "invalid_type"),
+    ({"messages": MSG, "response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
+    ({"messages": MSG, "response_format": "json"}, "response_format", "unsupported_parameter"),
 ])
 def test_chat_validation_names_the_parameter(body, param, code):
     with pytest.raises(APIError) as ei:
@@ -469,3 +471,43 @@ def test_cli_user_errors_exit_2_before_starting_ray(tmp_path, capsys):
     import ray
 
     assert not ray.is_initialized()
+
+
+def test_operator_limits_and_safe_errors(tiny):
+    """max_tokens above the operator's limit, a prompt above the character cap, ignore_eos or a
+    per-request policy where the operator disabled them: 4xx naming the parameter; text
+    response_format accepted; overload is 429 with Retry-After; a 500 body carries no exception text."""
+    from serve.http import error_response
+    from serve.protocol import overloaded
+    from serve.service import Service
+
+    async def fn(c):
+        out = {}
+        base = {"prompt": "5 6 7", "max_tokens": 3, "temperature": 0}
+        out["limit"] = await c.post("/v1/completions", json={**base, "max_tokens": 50})
+        out["chars"] = await c.post("/v1/completions", json={**base, "prompt": "9 " * 40})
+        out["eos"] = await c.post("/v1/completions", json={**base, "ignore_eos": True})
+        out["override"] = await c.post("/v1/completions", json={**base, "ffnskip_policy": {"mode": "dense"}})
+        out["text_ok"] = await c.post("/v1/completions", json={**base, "response_format": {"type": "text"}})
+        out["clamped"] = await c.post("/v1/completions", json={"prompt": "5 6 7", "temperature": 0})
+        return out
+
+    svc = _service(tiny, max_tokens_limit=10, max_prompt_chars=50, allow_ignore_eos=False, allow_policy_override=False)
+    out = _run_app(svc, fn)
+    assert out["limit"].status_code == 400 and out["limit"].json()["error"]["param"] == "max_tokens"
+    assert out["chars"].status_code == 400 and out["chars"].json()["error"]["param"] == "prompt"
+    assert out["eos"].status_code == 403 and out["eos"].json()["error"]["param"] == "ignore_eos"
+    assert out["override"].status_code == 403 and out["override"].json()["error"]["param"] == "ffnskip_policy"
+    assert out["text_ok"].status_code == 200
+    assert out["clamped"].status_code == 200 and out["clamped"].json()["usage"]["completion_tokens"] <= 10
+    r = error_response(overloaded("full"))
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    svc = _service(tiny)
+    try:
+        err = svc._error_of(ErrorItem(RuntimeError("/secret/path/to/weights: key=abc")))
+        assert err.status == 500 and "secret" not in err.message and "abc" not in err.message
+    finally:
+        svc.close()
+    with pytest.raises(ValueError, match="must differ"):
+        _service(tiny, api_key="same", admin_key="same")
+    assert Service  # (imported for its key names)
