@@ -18,6 +18,7 @@ is reported to the requests of that session; the loop itself keeps running.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
 import json
 import logging
@@ -25,7 +26,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from ffnskip.decode import DecodeSession, SamplingParams, context_length
 from ffnskip.engine import SeqStats
@@ -153,6 +154,7 @@ class BatchEngine:
         self._live: dict[int, GenRequest] = {}  # row id in the running session -> request
         self._session: DecodeSession | None = None
         self._key: tuple | None = None  # the running session's group key (its policy)
+        self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="ffnskip-engine", daemon=True)
         self.batches = 0
@@ -201,11 +203,34 @@ class BatchEngine:
             self._cond.notify_all()
         return req
 
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``fn()`` on the engine thread between two decode steps (e.g. a dense scoring pass:
+        the model is never used by two threads at once); its result or exception in the future."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._stop or not self._thread.is_alive():
+                raise EngineClosed("the engine is not running")
+            self._calls.append((fn, fut))
+            self._cond.notify_all()
+        return fut
+
+    def _run_calls(self) -> None:
+        while True:
+            with self._cond:
+                if not self._calls:
+                    return
+                fn, fut = self._calls.popleft()
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as exc:  # the caller gets it; the loop goes on
+                    fut.set_exception(exc)
+
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._live and not self._stop:
+                while not self._pending and not self._live and not self._calls and not self._stop:
                     self._cond.wait()
                 if self._stop:
                     break
@@ -219,6 +244,7 @@ class BatchEngine:
                     if self._stop:
                         break
                 joiners = self._take_joiners()
+            self._run_calls()
             try:
                 if joiners:
                     self._admit(joiners)
@@ -236,6 +262,11 @@ class BatchEngine:
             left = list(self._pending) + list(self._live.values())
             self._pending.clear()
             self._live.clear()
+            calls = list(self._calls)
+            self._calls.clear()
+        for _, fut in calls:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(EngineClosed("the server is shutting down"))
         for r in left:
             r._post(ErrorItem(EngineClosed("the server is shutting down")))
 

@@ -82,6 +82,10 @@ def build_app(service) -> FastAPI:
         service.check_api_key(request.headers.get("authorization"))
         body = parse_json_body(await read_body(request))
         req = parse_chat(body) if endpoint == CHAT else parse_completion(body)
+        if req.logprobs is not None:  # echo + logprobs: prompt scoring (lm-eval's loglikelihood)
+            out = await service.score(req)
+            record(endpoint, 200)
+            return JSONResponse(out)
         greq, meta = await service.submit_async(req)  # tokenisation and chat templating off the event loop
         if req.stream:
             return StreamingResponse(service.stream(greq, meta, lambda s: record(endpoint, s)),
@@ -120,6 +124,24 @@ def build_app(service) -> FastAPI:
         out = await service.swap_policy(body)
         record("/v1/policy", 200)
         return out
+
+    # lm-evaluation-harness's remote tokenizer (so it needs no local tokenizer)
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request):
+        service.check_api_key(request.headers.get("authorization"))
+        return service.tokenizer_info()
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        service.check_api_key(request.headers.get("authorization"))
+        body = parse_json_body(await read_body(request))
+        return await asyncio.to_thread(service.tokenize, body)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        service.check_api_key(request.headers.get("authorization"))
+        body = parse_json_body(await read_body(request))
+        return await asyncio.to_thread(service.detokenize, body)
 
     @app.get("/healthz")
     async def healthz():

@@ -10,7 +10,9 @@ unsupported features listed in ``_UNSUPPORTED``, which are refused when set):
   up to 4), ``seed``, ``stream``, ``stream_options.include_usage``, ``n`` (1 only), ``user``;
   extensions: ``top_k``, ``ignore_eos``, ``ffnskip_policy`` (a skip policy object);
 * chat: ``messages`` (``role`` + string content or text parts), ``max_completion_tokens``;
-* completions: ``prompt`` (a string, a one-string list, or token ids), ``echo``: false only.
+* completions: ``prompt`` (a string, a one-string list, or token ids), ``echo`` (the prompt's text
+  first), ``logprobs`` (0..5, with ``echo``: the prompt scored by one dense pass, plus at most one
+  greedy token with ``max_tokens`` 0 or 1: lm-evaluation-harness's loglikelihood requests).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 4
 MAX_TEMPERATURE = 2.0
 SSE_DONE = b"data: [DONE]\n\n"
+#: Largest ``logprobs`` of a completions request (the legacy API's limit).
+MAX_LOGPROBS = 5
 
 
 class APIError(FFNSkipError):
@@ -157,6 +161,10 @@ class GenerationRequest:
     ignore_eos: bool = False
     policy_override: dict[str, Any] | None = None
     user: str | None = None
+    echo: bool = False
+    """Completions: the prompt's text comes first in the returned text."""
+    logprobs: int | None = None
+    """Completions with echo: score the prompt (token log-probabilities and the top ``logprobs``)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -168,7 +176,10 @@ def _common(body: dict, kind: str) -> GenerationRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise _type_error("model", "a string", model)
+    scoring = kind == "completion" and ("echo" in body or "logprobs" in body)  # parsed in parse_completion
     for key, neutral in _UNSUPPORTED.items():
+        if scoring and key in ("echo", "logprobs"):
+            continue
         if key in body and body[key] not in neutral:
             if key in ("presence_penalty", "frequency_penalty", "top_logprobs", "best_of", "logprobs") \
                     and not isinstance(body[key], (int, float, bool, type(None))):
@@ -190,7 +201,7 @@ def _common(body: dict, kind: str) -> GenerationRequest:
             if max_tokens is not None and mct != max_tokens:
                 raise invalid("give max_tokens or max_completion_tokens, not both", param="max_completion_tokens")
             max_tokens = mct
-    if max_tokens is not None and max_tokens <= 0:
+    if max_tokens is not None and max_tokens <= 0 and not (scoring and max_tokens == 0):
         param = "max_tokens" if body.get("max_tokens") is not None else "max_completion_tokens"
         raise invalid(f"'{param}' must be a positive integer; got {max_tokens}", param=param)
     temperature = _opt_num(body, "temperature")
@@ -308,6 +319,29 @@ def parse_completion(body: dict[str, Any]) -> GenerationRequest:
         raise invalid("only one prompt per request is supported", param="prompt", code="unsupported_parameter")
     else:
         raise _type_error("prompt", "a string or an array of token ids", p)
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise _type_error("echo", "a boolean", echo)
+    req.echo = bool(echo)
+    lp = body.get("logprobs")
+    if lp is not None and lp is not False:
+        if isinstance(lp, bool) or not isinstance(lp, int):
+            raise _type_error("logprobs", "an integer", lp)
+        if not 0 <= lp <= MAX_LOGPROBS:
+            raise invalid(f"'logprobs' must be between 0 and {MAX_LOGPROBS}; got {lp}", param="logprobs")
+        # Prompt scoring (lm-evaluation-harness's loglikelihood requests): the prompt's token
+        # log-probabilities, from one dense pass, and at most one greedy token after it.
+        if not req.echo:
+            raise invalid("'logprobs' is supported together with echo=true (scoring the prompt) only",
+                          param="logprobs", code="unsupported_parameter")
+        if req.max_tokens is None or req.max_tokens > 1:
+            raise invalid("with echo and logprobs, 'max_tokens' must be 0 or 1", param="max_tokens",
+                          code="unsupported_parameter")
+        if req.stream:
+            raise invalid("echo with logprobs cannot be streamed", param="stream", code="unsupported_parameter")
+        req.logprobs = lp
+    elif req.max_tokens == 0:
+        raise invalid("'max_tokens' must be a positive integer; got 0", param="max_tokens")
     return req
 
 
@@ -337,6 +371,8 @@ class ResponseMeta:
     kind: str
     model: str
     created: int = field(default_factory=lambda: int(time.time()))
+    echo: str = ""
+    """Completions with ``echo``: the prompt's text, sent before the completion."""
 
 
 def full_response(meta: ResponseMeta, text: str, finish_reason: str, use: dict, info: dict) -> dict[str, Any]:
@@ -345,7 +381,7 @@ def full_response(meta: ResponseMeta, text: str, finish_reason: str, use: dict, 
                   "finish_reason": finish_reason}
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": meta.echo + text, "logprobs": None, "finish_reason": finish_reason}
         obj = "text_completion"
     return {"id": meta.id, "object": obj, "created": meta.created, "model": meta.model, "choices": [choice],
             "usage": use, "system_fingerprint": None, "ffnskip": info}

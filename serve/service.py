@@ -130,6 +130,94 @@ class Service:
                         "policy_id": self.holder.current.policy_id},
         }]}
 
+    # ------------------------------------------------------------------ tokenizer endpoints (lm-eval)
+    def tokenizer_info(self) -> dict[str, Any]:
+        """What lm-evaluation-harness's remote tokenizer asks for (``GET /tokenizer_info``)."""
+        tok = self.front_tokenizer
+        return {
+            "eos_token": getattr(tok, "eos_token", None),
+            "bos_token": getattr(tok, "bos_token", None),
+            "pad_token": getattr(tok, "pad_token", None),
+            "chat_template": getattr(tok, "chat_template", None),
+            "model_max_length": self.context,
+            "vocab_size": self.vocab_size,
+        }
+
+    def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /tokenize {"prompt": str, "add_special_tokens": bool}`` -> ``{"tokens": [...]}``."""
+        text = body.get("prompt")
+        if not isinstance(text, str):
+            raise invalid("'prompt' must be a string", param="prompt", code="invalid_type")
+        if len(text) > self.args.max_prompt_chars:
+            raise invalid(f"'prompt' is {len(text)} characters; at most {self.args.max_prompt_chars}", param="prompt")
+        special = body.get("add_special_tokens", True)
+        if not isinstance(special, bool):
+            raise invalid("'add_special_tokens' must be a boolean", param="add_special_tokens", code="invalid_type")
+        try:
+            ids = list(self.front_tokenizer(text, add_special_tokens=special)["input_ids"])
+        except TypeError:  # a tokenizer without the keyword
+            ids = list(self.front_tokenizer(text)["input_ids"])
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.context}
+
+    def detokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /detokenize {"tokens": [...]}`` -> ``{"prompt": str}``."""
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+            raise invalid("'tokens' must be an array of token ids", param="tokens", code="invalid_type")
+        if self.vocab_size and any(t >= self.vocab_size for t in ids):
+            raise invalid(f"'tokens' has an id outside the vocabulary of {self.vocab_size}", param="tokens")
+        return {"prompt": self.front_tokenizer.decode(ids, skip_special_tokens=False)}
+
+    async def score(self, req: GenerationRequest) -> dict[str, Any]:
+        """A completions request with ``echo`` and ``logprobs``: the prompt's token log-probabilities
+        from one dense pass of the model (no skipping: loglikelihood tasks measure the dense model),
+        and with ``max_tokens`` 1 the greedy next token, in OpenAI's legacy ``logprobs`` object. The
+        pass runs on the engine thread between decode steps."""
+        from ffnskip.eval import prompt_logprobs
+
+        if req.model is not None and req.model not in (self.name, self.args.model):
+            raise APIError(400, f"unknown model '{req.model}'; this server serves '{self.name}'", param="model",
+                           code="model_not_found")
+        ids = await asyncio.to_thread(self._prompt_ids, req)
+        n, extra = len(ids), req.max_tokens or 0
+        if self.context is not None and n + extra > self.context:
+            raise invalid(f"the prompt ({n} tokens) + max_tokens ({extra}) exceed the model's context window of "
+                          f"{self.context} tokens", param=req.prompt_param, code="context_length_exceeded")
+        k = req.logprobs or 0
+        try:
+            fut = self.engine.call(lambda: prompt_logprobs(self.model, ids, k=k))
+        except EngineClosed as exc:
+            raise APIError(503, str(exc), type="server_error", code="engine_down") from None
+        lp = await asyncio.wrap_future(fut)
+        tok = self.front_tokenizer
+
+        def piece(t: int) -> str:
+            return tok.decode([t], skip_special_tokens=False)
+
+        all_ids, token_lps, tops = list(ids), list(lp.token_logprobs), list(lp.top)
+        if extra:
+            nxt, nxt_lp = lp.next_top[0]
+            all_ids.append(nxt)
+            token_lps.append(nxt_lp)
+            tops.append(lp.next_top[:k])
+        tokens = [piece(t) for t in all_ids]
+        offsets, at = [], 0
+        for t in tokens:
+            offsets.append(at)
+            at += len(t)
+        logprobs = {
+            "tokens": tokens,
+            "token_logprobs": token_lps,
+            "top_logprobs": [None if top is None else {piece(t): v for t, v in top} for top in tops],
+            "text_offset": offsets,
+        }
+        text = tok.decode(all_ids, skip_special_tokens=False) if req.echo else "".join(tokens[n:])
+        self.metrics.prompt_tokens.inc(n)
+        meta = ResponseMeta(new_id(req.kind), req.kind, self.name)
+        out = full_response(meta, text, "length", usage(n, extra), ffnskip_info("dense (prompt scoring)", None))
+        out["choices"][0]["logprobs"] = logprobs
+        return out
+
     def policy_view(self) -> dict[str, Any]:
         e = self.holder.current
         out = e.to_dict()
@@ -222,6 +310,30 @@ class Service:
         limit = self.args.max_tokens_limit
         if limit is not None and req.max_tokens is not None and req.max_tokens > limit:
             raise invalid(f"max_tokens ({req.max_tokens}) is above this server's limit of {limit}", param="max_tokens")
+        ids = self._prompt_ids(req)
+        n = len(ids)
+        ctx = self.context
+        param = req.prompt_param
+        if ctx is not None and n >= ctx:
+            raise invalid(f"the prompt is {n} tokens; the model's context window is {ctx} tokens", param=param,
+                          code="context_length_exceeded")
+        max_tokens = req.max_tokens
+        if max_tokens is None:
+            max_tokens = self.args.default_max_tokens if ctx is None else min(self.args.default_max_tokens, ctx - n)
+            if limit is not None:
+                max_tokens = min(max_tokens, limit)
+        elif ctx is not None and n + max_tokens > ctx:
+            raise invalid(f"max_tokens ({max_tokens}) + the prompt ({n} tokens) exceed the model's context window "
+                          f"of {ctx} tokens", param="max_tokens", code="context_length_exceeded")
+        try:
+            params = SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                    top_k=req.top_k, seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos)
+        except GenerationError as exc:
+            raise invalid(str(exc)) from None
+        return GenRequest(ids, params, entry)
+
+    def _prompt_ids(self, req: GenerationRequest) -> list[int]:
+        """The request's prompt as token ids (chat template for chat), checked against the caps."""
         param = req.prompt_param
         chars = len(req.prompt) if isinstance(req.prompt, str) else sum(len(str(m.get("content", ""))) for m in req.messages or [])
         if chars > self.args.max_prompt_chars:
@@ -244,25 +356,7 @@ class Service:
             raise invalid(f"the prompt could not be tokenised: {exc}", param=param) from None
         if not ids:
             raise invalid("the prompt has no tokens", param=param)
-        n = len(ids)
-        ctx = self.context
-        if ctx is not None and n >= ctx:
-            raise invalid(f"the prompt is {n} tokens; the model's context window is {ctx} tokens", param=param,
-                          code="context_length_exceeded")
-        max_tokens = req.max_tokens
-        if max_tokens is None:
-            max_tokens = self.args.default_max_tokens if ctx is None else min(self.args.default_max_tokens, ctx - n)
-            if limit is not None:
-                max_tokens = min(max_tokens, limit)
-        elif ctx is not None and n + max_tokens > ctx:
-            raise invalid(f"max_tokens ({max_tokens}) + the prompt ({n} tokens) exceed the model's context window "
-                          f"of {ctx} tokens", param="max_tokens", code="context_length_exceeded")
-        try:
-            params = SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                    top_k=req.top_k, seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos)
-        except GenerationError as exc:
-            raise invalid(str(exc)) from None
-        return GenRequest(ids, params, entry)
+        return ids
 
     async def submit_async(self, req: GenerationRequest) -> tuple[GenRequest, ResponseMeta]:
         """:meth:`submit` with the tokenisation (and chat templating) in a worker thread, so a long
@@ -281,7 +375,10 @@ class Service:
         except EngineClosed as exc:
             raise APIError(503, str(exc), type="server_error", code="engine_down") from None
         self.metrics.prompt_tokens.inc(len(greq.prompt_ids))
-        return greq, ResponseMeta(new_id(req.kind), req.kind, self.name)
+        echo = ""
+        if req.kind == "completion" and req.echo:
+            echo = req.prompt if isinstance(req.prompt, str) else self.front_tokenizer.decode(greq.prompt_ids)
+        return greq, ResponseMeta(new_id(req.kind), req.kind, self.name, echo=echo)
 
     def _deadline(self, greq: GenRequest) -> float:
         return greq.created + self.args.request_timeout_s
@@ -349,6 +446,8 @@ class Service:
         try:
             if meta.kind == "chat":
                 yield sse(chunk(meta, "", role=True))
+            elif meta.echo:
+                yield sse(chunk(meta, meta.echo))
             while True:
                 try:
                     item = await self._next(greq)

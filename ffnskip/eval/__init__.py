@@ -23,7 +23,7 @@ from .judge import Judge, JudgeConfig, JudgeError
 from .report import EvalReport, RunResult
 from .speed import measure_speed
 from .tasks import TASKS, EvalError, Sample, Task, fingerprint, get_task, parse_field_mappings
-from .teacher import TeacherForced, score_continuation
+from .teacher import PromptLogprobs, TeacherForced, prompt_logprobs, score_continuation
 
 __all__ = [
     "DenseCache",
@@ -46,5 +46,7 @@ __all__ = [
     "measure_speed",
     "model_fingerprint",
     "parse_field_mappings",
+    "PromptLogprobs",
+    "prompt_logprobs",
     "score_continuation",
 ]

@@ -18,7 +18,7 @@ from ..sync import to_host
 from .identity import _numerics
 from .tasks import EvalError
 
-__all__ = ["TeacherForced", "score_continuation"]
+__all__ = ["PromptLogprobs", "TeacherForced", "prompt_logprobs", "score_continuation"]
 
 
 @dataclass
@@ -110,6 +110,41 @@ def score_continuation(
     out_t = to_host(torch.stack(tnll)) if tgt is not None else None
     end = time.perf_counter()
     return TeacherForced(out_nll, out_arg, out_t, ctl.stats[0], end - start, end - t_prefill if t_prefill else 0.0)
+
+
+@dataclass
+class PromptLogprobs:
+    """Dense log-probabilities of a token sequence (OpenAI's ``echo`` + ``logprobs``)."""
+
+    token_logprobs: list[float | None]
+    """log p(ids[i] | ids[:i]); None for the first token (nothing conditions it)."""
+    top: list[list[tuple[int, float]] | None]
+    """The ``k`` most likely ids and their log-probabilities at each position (None for the first)."""
+    next_top: list[tuple[int, float]]
+    """The ``max(k, 1)`` most likely next ids after the whole sequence (its greedy continuation first)."""
+
+
+@torch.inference_mode()
+def prompt_logprobs(model: nn.Module, ids: Sequence[int], k: int = 1) -> PromptLogprobs:
+    """One dense forward pass over ``ids`` (the model's own forward, no skipping: a loglikelihood
+    request measures the dense model) with every position's distribution. Two host syncs."""
+    ids = list(ids)
+    if not ids:
+        raise EvalError("prompt_logprobs needs at least one token")
+    ctx = context_length(model)
+    if ctx is not None and len(ids) > ctx:
+        raise EvalError(f"{len(ids)} tokens exceed the model's context of {ctx}")
+    device = next(model.parameters()).device
+    x = torch.tensor([ids], dtype=torch.long, device=device)  # [1, n]
+    logp = model(input_ids=x, use_cache=False).logits[0].float().log_softmax(-1)  # [n, V]
+    got = logp[:-1].gather(1, x[0, 1:, None])[:, 0]  # [n - 1]: log p(ids[i] | ids[:i]) for i >= 1
+    kk = max(1, k)
+    tv, ti = logp.topk(min(kk, logp.shape[-1]), dim=-1)  # [n, kk]
+    got_h, tv_h, ti_h = to_host(got), to_host(tv), to_host(ti)  # HOST SYNCS
+    top: list[list[tuple[int, float]] | None] = [None]
+    for i in range(1, len(ids)):
+        top.append(list(zip(ti_h[i - 1], tv_h[i - 1]))[:k] if k else [])
+    return PromptLogprobs([None, *got_h], top, list(zip(ti_h[-1], tv_h[-1])))
 
 
 # ---------------------------------------------------------------------- dense, through the cache
