@@ -157,7 +157,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     stream: bool = False
-    include_usage: bool = True
+    include_usage: bool = False
+    """Streaming: one more chunk before ``[DONE]`` with empty ``choices`` and the ``usage``."""
     ignore_eos: bool = False
     policy_override: dict[str, Any] | None = None
     user: str | None = None
@@ -231,7 +232,7 @@ def _common(body: dict, kind: str) -> GenerationRequest:
     stop = tuple(s for s in stop if s)
     seed = _opt_int(body, "seed")
     stream = _opt_bool(body, "stream")
-    include_usage = True
+    include_usage = False  # OpenAI: a stream reports usage only when asked, in one last chunk
     so = body.get("stream_options")
     if so is not None:
         if not isinstance(so, dict):
@@ -241,6 +242,7 @@ def _common(body: dict, kind: str) -> GenerationRequest:
         iu = so.get("include_usage")
         if iu is not None and not isinstance(iu, bool):
             raise _type_error("stream_options.include_usage", "a boolean", iu)
+        include_usage = bool(iu)
     ignore_eos = _opt_bool(body, "ignore_eos")
     override = body.get("ffnskip_policy")
     if override is not None and not isinstance(override, dict):
@@ -373,6 +375,8 @@ class ResponseMeta:
     created: int = field(default_factory=lambda: int(time.time()))
     echo: str = ""
     """Completions with ``echo``: the prompt's text, sent before the completion."""
+    include_usage: bool = False
+    """Streaming: end with a usage chunk (``stream_options.include_usage``)."""
 
 
 def full_response(meta: ResponseMeta, text: str, finish_reason: str, use: dict, info: dict) -> dict[str, Any]:
@@ -385,6 +389,13 @@ def full_response(meta: ResponseMeta, text: str, finish_reason: str, use: dict, 
         obj = "text_completion"
     return {"id": meta.id, "object": obj, "created": meta.created, "model": meta.model, "choices": [choice],
             "usage": use, "system_fingerprint": None, "ffnskip": info}
+
+
+def usage_chunk(meta: ResponseMeta, use: dict, info: dict | None = None) -> dict[str, Any]:
+    """OpenAI's last chunk of a stream with ``include_usage``: no choices, the usage."""
+    out = chunk(meta, None, info=info, use=use)
+    out["choices"] = []
+    return out
 
 
 def chunk(meta: ResponseMeta, text: str | None, finish_reason: str | None = None, *, role: bool = False,

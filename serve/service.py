@@ -35,6 +35,7 @@ from .protocol import (
     sse,
     unauthorized,
     usage,
+    usage_chunk,
 )
 
 log = logging.getLogger(__name__)
@@ -378,7 +379,8 @@ class Service:
         echo = ""
         if req.kind == "completion" and req.echo:
             echo = req.prompt if isinstance(req.prompt, str) else self.front_tokenizer.decode(greq.prompt_ids)
-        return greq, ResponseMeta(new_id(req.kind), req.kind, self.name, echo=echo)
+        return greq, ResponseMeta(new_id(req.kind), req.kind, self.name, echo=echo,
+                                  include_usage=req.stream and req.include_usage)
 
     def _deadline(self, greq: GenRequest) -> float:
         return greq.created + self.args.request_timeout_s
@@ -435,8 +437,8 @@ class Service:
             self.metrics.skip_ratio.observe(item.stats.skip_ratio)
         use = usage(len(greq.prompt_ids), item.completion_tokens)
         info = ffnskip_info(greq.entry.policy_id, item.stats)
-        if stream:
-            return chunk(meta, "" if meta.kind == "completion" else None, item.finish_reason, use=use, info=info)
+        if stream:  # the finish chunk; the usage follows in its own chunk when asked for
+            return chunk(meta, "" if meta.kind == "completion" else None, item.finish_reason, info=info)
         return full_response(meta, item.text, item.finish_reason, use, info)
 
     async def stream(self, greq: GenRequest, meta: ResponseMeta, on_status: Callable[[str], None]) -> AsyncIterator[bytes]:
@@ -467,6 +469,9 @@ class Service:
                     if item.tail:
                         yield sse(chunk(meta, item.tail))
                     yield sse(self._final(greq, meta, item, stream=True))
+                    if meta.include_usage:
+                        info = ffnskip_info(greq.entry.policy_id, item.stats)
+                        yield sse(usage_chunk(meta, usage(len(greq.prompt_ids), item.completion_tokens), info))
                     yield SSE_DONE
                     return
                 else:

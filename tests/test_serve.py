@@ -186,22 +186,22 @@ def test_openai_client_streaming(server):
     client = _openai(server)
     chunks = list(client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Name three colours."}], max_tokens=8, temperature=0,
-        stream=True))
+        stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip()
-    last = chunks[-1]
-    assert last.choices[0].finish_reason in ("length", "stop")
-    assert last.usage.completion_tokens <= 8
-    assert last.model_extra["ffnskip"]["policy_id"] == server.policy_id
+    last, finish = chunks[-1], chunks[-2]
+    assert last.choices == [] and last.usage.completion_tokens <= 8  # include_usage: OpenAI's usage chunk
+    assert finish.choices[0].finish_reason in ("length", "stop")
+    assert finish.model_extra["ffnskip"]["policy_id"] == server.policy_id
     # the same request, not streamed, gives the same greedy text
     whole = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Name three colours."}],
                                            max_tokens=8, temperature=0)
     assert whole.choices[0].message.content == text
 
     comp_chunks = list(client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=0,
-                                                 stream=True))
-    assert "".join(c.choices[0].text for c in comp_chunks).strip()
-    assert "skip_ratio" in comp_chunks[-1].model_extra["ffnskip"]
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in comp_chunks if c.choices).strip()
+    assert "skip_ratio" in comp_chunks[-2].model_extra["ffnskip"]
     assert comp_chunks[-1].usage.completion_tokens <= 6
 
 
@@ -216,7 +216,7 @@ def test_raw_stream_ends_with_done(server):
     assert r.text.rstrip().endswith("data: [DONE]")
     events = parse_sse(r.text)
     assert events[-1] == "[DONE]"
-    assert events[-2]["ffnskip"]["policy_id"] == server.policy_id and "usage" in events[-2]
+    assert events[-2]["ffnskip"]["policy_id"] == server.policy_id and "usage" not in events[-2]  # not asked for
 
 
 # ---------------------------------------------------------------------- bad input
@@ -328,9 +328,9 @@ def test_policy_hot_swap_while_a_request_runs(server):
         assert result["status"] == 200
         events = result["events"]
         assert events[-1] == "[DONE]"
-        final = events[-2]
+        final = events[-2]  # no include_usage: the finish chunk is the last before [DONE]
         assert final["ffnskip"]["policy_id"] == server.policy_id  # the request kept its policy
-        assert final["usage"]["completion_tokens"] == 16 and final["ffnskip"]["skipped_ffn"] > 0
+        assert final["choices"][0]["finish_reason"] == "length" and final["ffnskip"]["skipped_ffn"] > 0
 
         after = c.post("/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 3}).json()
         assert after["ffnskip"]["policy_id"] == "swapped-dense" and after["ffnskip"]["skipped_ffn"] == 0

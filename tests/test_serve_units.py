@@ -308,11 +308,14 @@ def test_http_completions_equal_generate_and_stream_carries_ffnskip(tiny):
     async def fn(c):
         r = await c.post("/v1/completions", json={"model": "tiny", "prompt": "5 6 7", "max_tokens": 6, "temperature": 0})
         s = await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "5 6 7"}],
-                                                       "max_tokens": 6, "temperature": 0, "stream": True})
+                                                       "max_tokens": 6, "temperature": 0, "stream": True,
+                                                       "stream_options": {"include_usage": True}})
+        plain = await c.post("/v1/completions", json={"prompt": "5 6 7", "max_tokens": 6, "temperature": 0, "stream": True})
+        echo = await c.post("/v1/completions", json={"prompt": "5 6 7", "max_tokens": 3, "temperature": 0, "echo": True})
         ids = await c.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 6, "temperature": 0})
-        return r, s, ids
+        return r, s, ids, plain, echo
 
-    r, s, ids = _run_app(_service(tiny), fn)
+    r, s, ids, plain, echo = _run_app(_service(tiny), fn)
     (ref,), _ = generate_text(model, tok, ["5 6 7"], SKIPPY, SamplingParams(max_new_tokens=6), raw=True)
     out = r.json()
     assert r.status_code == 200 and out["choices"][0]["text"] == ref.text
@@ -323,8 +326,14 @@ def test_http_completions_equal_generate_and_stream_carries_ffnskip(tiny):
     assert ids.json()["choices"][0]["text"] == ref.text
     events = parse_sse(s.text)
     assert events[-1] == "[DONE]" and events[0]["choices"][0]["delta"]["role"] == "assistant"
-    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == ref.text
-    assert events[-2]["ffnskip"]["skipped_ffn"] == ref.stats.skipped_ffn and events[-2]["usage"]["completion_tokens"] == 6
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-2]) == ref.text
+    # include_usage, as OpenAI: the last chunk has no choices and the usage; the one before finishes
+    assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] == 6
+    assert events[-3]["choices"][0]["finish_reason"] == "length" and "usage" not in events[-3]
+    assert events[-3]["ffnskip"]["skipped_ffn"] == ref.stats.skipped_ffn
+    without = parse_sse(plain.text)
+    assert all("usage" not in e for e in without[:-1]) and without[-2]["choices"][0]["finish_reason"] == "length"
+    assert echo.json()["choices"][0]["text"].startswith("5 6 7") and echo.json()["choices"][0]["text"] != "5 6 7"
 
 
 def test_http_keys_override_switch_and_policy_swaps(tiny, tmp_path):
