@@ -20,10 +20,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .errors import FFNSkipError
+
 log = logging.getLogger("ffnskip")
 
 
-class CLIError(Exception):
+class CLIError(FFNSkipError):
     """A user error: printed as one line, exit status 2, no traceback."""
 
 
@@ -41,17 +43,15 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
 
 
 def policy_from_args(args: argparse.Namespace):
-    from .policy import PolicyError, SkipPolicy
+    """The policy of ``--policy FILE`` / ``--policy-json JSON`` (default: the adaptive default),
+    through :func:`ffnskip.policy.parse_policy`; an error names the flag and the field."""
+    from .policy import PolicyError, parse_policy
 
+    path, text = getattr(args, "policy", None), getattr(args, "policy_json", None)
     try:
-        if getattr(args, "policy", None):
-            return SkipPolicy.load(args.policy)
-        if getattr(args, "policy_json", None):
-            return SkipPolicy.from_json(args.policy_json)
+        return parse_policy(text, path=path or None)
     except PolicyError as exc:
-        flag = "--policy" if getattr(args, "policy", None) else "--policy-json"
-        raise CLIError(f"{flag}: {exc}") from None
-    return SkipPolicy()
+        raise CLIError(f"{'--policy' if path else '--policy-json'}: {exc}") from None
 
 
 def _bounded(flag: str, cast: Callable[[str], Any], what: str, ok: Callable[[Any], bool], bound: str):

