@@ -29,20 +29,24 @@ def register(sub) -> None:
                                    "environment: FFNSKIP_API_KEY (clients), FFNSKIP_ADMIN_KEY (policy swaps).")
     add_model_arg(p)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--study", metavar="S", help="serve the best policy of this study in the store (--db)")
+    src.add_argument("--study", metavar="S", help="serve the policy this study recommends (ffnskip results best's "
+                                                  "rule: dense when no trial is faster within the quality drop) "
+                                                  "from the store (--db)")
     src.add_argument("--policy", metavar="FILE", help="skip policy JSON file")
     src.add_argument("--policy-json", metavar="JSON", help="skip policy as inline JSON")
     p.add_argument("--db", metavar="URL", help="SQL store (default: $FFNSKIP_DB or sqlite:///ffnskip.db); also used "
                                                "by PUT /v1/policy {\"trial_id\": N}")
-    p.add_argument("--max-quality-drop", type=float, default=None, help="--study: quality constraint of the best rule "
-                                                                       "(default: the study's)")
-    p.add_argument("--objective", default="skip_ratio", choices=["skip_ratio", "tokens_per_s"],
-                   help="--study: what the best rule maximises (default skip_ratio)")
+    p.add_argument("--max-quality-drop", type=float, default=None,
+                   help="--study: the rule's largest quality drop at the 95%% upper end (default: the study's)")
+    p.add_argument("--objective", default="speedup", choices=["speedup", "skip_ratio", "tokens_per_s"],
+                   help="--study: what the rule maximises among the trials that qualify (default: the speed-up)")
     p.add_argument("--policy-id", default=None, help="identifier reported as ffnskip.policy_id (default: from the source)")
     p.add_argument("--no-policy-override", action="store_true", help="refuse per-request ffnskip_policy fields")
     p.add_argument("--served-model-name", default=None, help="model name clients use (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="serve on a non-loopback --host without FFNSKIP_API_KEY (refused otherwise)")
     p.add_argument("--address", default=None, help="Ray cluster to deploy on (default: start a private local one)")
     p.add_argument("--num-cpus", type=positive_int("--num-cpus"), default=None,
                    help="CPUs of the local Ray instance (default: all)")
@@ -92,6 +96,18 @@ def serve_args(args: argparse.Namespace, local_cpus: int | None):
         raise CLIError(f"{_FLAG.get(key, '--' + key.replace('_', '-'))}: {err.get('msg')}") from None
 
 
+def _loopback(host: str) -> bool:
+    """Whether ``host`` binds to this machine only (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _check_port(host: str, port: int) -> None:
     if not 0 < port < 65536:
         raise CLIError(f"--port must be in 1..65535; got {port}")
@@ -131,6 +147,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .policies import PolicySourceError, startup_entry
 
+    if not _loopback(args.host) and not os.environ.get("FFNSKIP_API_KEY") and not args.allow_unauthenticated:
+        raise CLIError(f"--host {args.host} is reachable from other machines and FFNSKIP_API_KEY is not set: set it, "
+                       "or pass --allow-unauthenticated to serve without keys")
+    if os.environ.get("FFNSKIP_ADMIN_KEY") and os.environ.get("FFNSKIP_ADMIN_KEY") == os.environ.get("FFNSKIP_API_KEY"):
+        raise CLIError("FFNSKIP_ADMIN_KEY must differ from FFNSKIP_API_KEY (every client could swap the policy)")
     local_cpus = None
     if args.address is None:
         local_cpus = args.num_cpus or os.cpu_count() or 1
@@ -143,6 +164,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError(f"{flag}: {exc}") from None
     except PolicySourceError as exc:
         raise CLIError(f"--study: {exc}") from None
+    if entry.source.get("kind") == "study":
+        print(f"ffnskip serve: study '{entry.source['study']}': "
+              f"{'dense (no skipping)' if entry.source.get('verdict') == 'dense' else 'trial ' + str(entry.source.get('trial_id'))}"
+              f": {entry.source.get('reason')}", file=sys.stderr, flush=True)
     if args.address is None:
         _check_port(args.host, args.port)
         # A private loopback instance: no Ray token, no usage reporting.

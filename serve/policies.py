@@ -2,14 +2,17 @@
 
 A :class:`PolicyEntry` is a validated :class:`~ffnskip.policy.SkipPolicy` with a ``policy_id``
 (reported in every response) and a description of its source. Sources: a JSON file, inline JSON,
-the best trial of a study in the SQL store (the ``best`` rule of :mod:`tuning.results`), or one
-stored trial. The ``tuning`` package is imported only when the store is used.
+a study in the SQL store (the recommendation rule of ``ffnskip results best``,
+:func:`tuning.objectives.recommend`: the fastest trial that is faster than dense within the
+quality drop at 95%, else dense, with the reason logged and kept in the source), or one stored
+trial. The ``tuning`` package is imported only when the store is used.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,6 +21,8 @@ from typing import Any
 
 from ffnskip.errors import FFNSkipError
 from ffnskip.policy import PolicyError, SkipPolicy, parse_policy
+
+log = logging.getLogger(__name__)
 
 
 class PolicySourceError(FFNSkipError, ValueError):
@@ -86,29 +91,42 @@ def _store_url(db: str | None) -> str:
 
 
 def from_study(db: str | None, study: str, *, max_quality_drop: float | None = None,
-               objective: str = "skip_ratio", policy_id: str | None = None) -> PolicyEntry:
-    """The best trial of ``study`` (``tuning.results``: the study's ``best`` rule)."""
-    from tuning.objectives import NoFeasibleTrial
-    from tuning.results import load_view
-    from tuning.store import Store, StoreError, display_url
+               objective: str = "speedup", policy_id: str | None = None) -> PolicyEntry:
+    """The policy the study recommends (``ffnskip results best``'s rule): its fastest trial that is
+    faster than dense within the quality drop at 95%, else dense. The verdict's reason is logged
+    and kept in the entry's ``source`` (``verdict``, ``reason``, the numbers and their intervals)."""
+    from tuning.results import recommendation
+    from tuning.store import StoreError, display_url
 
     url = _store_url(db)
     try:
-        with Store(url, must_exist=True) as store:
-            trial = load_view(store, study).best(max_quality_drop, objective)
-    except (StoreError, NoFeasibleTrial) as exc:
-        raise PolicySourceError(f"study '{study}' in {display_url(url)}: {exc}", status=404,
-                                code="study_not_found" if isinstance(exc, StoreError) else "no_feasible_trial",
+        view, verdict = recommendation(url, study, max_quality_drop=max_quality_drop, objective=objective)
+    except StoreError as exc:
+        raise PolicySourceError(f"study '{study}' in {display_url(url)}: {exc}", status=404, code="study_not_found",
                                 param="study") from None
     except ValueError as exc:  # a bad objective
         raise PolicySourceError(str(exc), param="objective") from None
+    source: dict[str, Any] = {"kind": "study", "study": study, "db": display_url(url),
+                              "verdict": "dense" if verdict.dense else "policy", "reason": verdict.reason,
+                              "max_quality_drop": verdict.max_quality_drop}
+    if verdict.dense:
+        log.warning("study '%s': serving the dense policy: %s", study, verdict.reason)
+        pol = SkipPolicy.dense()
+        return PolicyEntry(pol, policy_id or f"study:{study}/dense", {**source, "trial_id": None})
+    trial = verdict.trial
     try:
         pol = SkipPolicy.from_dict(trial.policy)
     except PolicyError as exc:
         raise PolicySourceError(f"trial {trial.id} of study '{study}' holds an invalid policy: {exc}") from None
+    log.info("study '%s': serving trial %s: %s", study, trial.id, verdict.reason)
     return PolicyEntry(pol, policy_id or f"study:{study}/trial:{trial.id}",
-                       {"kind": "study", "study": study, "trial_id": trial.id, "db": display_url(url),
-                        "skip_ratio": trial.skip_ratio, "quality_drop": trial.quality_drop})
+                       {**source, "trial_id": trial.id, "skip_ratio": trial.skip_ratio,
+                        "quality_drop": trial.quality_drop,
+                        "quality_drop_ci95": None if trial.quality_drop_high is None else [trial.quality_drop_low,
+                                                                                            trial.quality_drop_high],
+                        "speedup": trial.speedup,
+                        "speedup_ci95": None if trial.speedup_low is None else [trial.speedup_low, trial.speedup_high],
+                        "n": trial.n})
 
 
 def from_trial(db: str | None, trial_id: int, policy_id: str | None = None) -> PolicyEntry:

@@ -37,37 +37,89 @@ SAMPLES = [
 ]
 
 
+HEAD = "0002"
+
+
 def test_migrations_create_our_tables_next_to_optunas(db_url):
     with Store(db_url) as store:
-        assert store.revision() == "0001"
+        assert store.revision() == HEAD
         tables = set(sa.inspect(store.engine).get_table_names())
     assert OUR_TABLES <= tables
     # Optuna's storage on the same database keeps its own tables and version table.
     optuna_storage(db_url)
     with Store(db_url) as store:  # re-opening migrates nothing and keeps working
-        assert store.revision() == "0001"
+        assert store.revision() == HEAD
         tables = set(sa.inspect(store.engine).get_table_names())
         with store.engine.connect() as conn:
-            assert conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar() == "0001"
+            assert conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar() == HEAD
     assert {"studies", "trials", "alembic_version"} <= tables
 
 
 def test_migrations_downgrade_and_upgrade_again(db_url):
-    from alembic import command
-    from alembic.config import Config
-
     with Store(db_url) as store:
         _study(store)
-        cfg = Config()
-        cfg.set_main_option("script_location", "tuning.store:migrations")
-        cfg.set_main_option("path_separator", "os")
-        with store.engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            command.downgrade(cfg, "base")
+        store.downgrade("base")
         assert not (OUR_TABLES - {VERSION_TABLE}) & set(sa.inspect(store.engine).get_table_names())
         store.migrate()
-        assert store.revision() == "0001"
+        assert store.revision() == HEAD
         assert store.list_studies() == []
+
+
+NEW_COLUMNS = {"quality_drop_low", "quality_drop_high", "speedup_low", "speedup_high", "n", "stop_reason"}
+
+
+def test_migration_0002_upgrades_a_database_with_old_rows(db_url):
+    """A store written by the previous release (revision 0001) keeps every row, samples included;
+    the interval columns are NULL on the old trials, and the rule judges those on point values."""
+    from tuning.objectives import recommend
+
+    store = Store(db_url)
+    store.downgrade("0001")
+    assert store.revision() == "0001"
+    assert not NEW_COLUMNS & {c["name"] for c in sa.inspect(store.engine).get_columns("ffnskip_trials")}
+    with store.engine.begin() as conn:  # rows as the previous release wrote them
+        conn.execute(sa.text("INSERT INTO ffnskip_studies (name, model, task, search_space, config, created_at) "
+                             "VALUES ('old', 'm', 't', '{}', '{\"max_quality_drop\": 0.05}', '2026-01-01 00:00:00')"))
+        sid = conn.execute(sa.text("SELECT id FROM ffnskip_studies WHERE name = 'old'")).scalar()
+        for i, (drop, speedup) in enumerate([(0.02, 1.2), (0.0, 0.97), (0.2, 1.5)]):
+            conn.execute(sa.text("INSERT INTO ffnskip_trials (study_id, status, policy, quality_drop, speedup, skip_ratio) "
+                                 "VALUES (:s, 'completed', '{}', :d, :sp, 0.1)"), {"s": sid, "d": drop, "sp": speedup})
+        tid = conn.execute(sa.text("SELECT min(id) FROM ffnskip_trials")).scalar()
+        conn.execute(sa.text("INSERT INTO ffnskip_samples (trial_id, idx, output) VALUES (:t, 0, 'a'), (:t, 1, 'b')"),
+                     {"t": tid})
+        with pytest.raises(IntegrityError):  # 0001 knows no 'pruned'
+            with conn.begin_nested():
+                conn.execute(sa.text("INSERT INTO ffnskip_trials (study_id, status, policy) VALUES (:s, 'pruned', '{}')"),
+                             {"s": sid})
+    store.close()
+
+    with Store(db_url) as store:  # opening migrates
+        assert store.revision() == HEAD
+        assert NEW_COLUMNS <= {c["name"] for c in sa.inspect(store.engine).get_columns("ffnskip_trials")}
+        trials = store.trials(sid)
+        assert len(trials) == 3 and all(t.quality_drop_high is None and t.speedup_low is None and t.n is None
+                                        and t.stop_reason is None for t in trials)
+        assert [s.output for s in store.samples(tid)] == ["a", "b"]  # the table copy did not cascade
+        assert {i["name"] for i in sa.inspect(store.engine).get_indexes("ffnskip_trials")} >= {
+            "ix_ffnskip_trials_study_id", "ix_ffnskip_trials_ray_trial_id"}
+        if store.dialect == "sqlite":
+            with store.engine.connect() as conn:
+                assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        v = recommend(trials, max_quality_drop=0.05)
+        assert v.trial.id == tid and v.approximate
+        pruned = store.add_trial(sid, "pruned", {}, values={"quality_drop": 0.5, "n": 4}, stop_reason="stopped early")
+        assert store.get_trial(pruned).status == "pruned" and store.get_trial(pruned).n == 4
+        with pytest.raises(IntegrityError):
+            with store.engine.begin() as conn:
+                conn.execute(sa.text("INSERT INTO ffnskip_trials (study_id, status, policy) VALUES (:s, 'done', '{}')"),
+                             {"s": sid})
+        # And back: a pruned trial becomes failed with its reason, the columns go.
+        store.downgrade("0001")
+        with store.engine.connect() as conn:
+            row = conn.execute(sa.text("SELECT status, error FROM ffnskip_trials WHERE id = :t"), {"t": pruned}).one()
+        assert tuple(row) == ("failed", "stopped early")
+        store.migrate()
+        assert store.revision() == HEAD
 
 
 def test_study_crud_and_cascade(db_url):
@@ -108,7 +160,7 @@ def test_trial_lifecycle(db_url):
         t1 = store.start_trial(st.id, {"threshold": 0.9}, ray_trial_id="r1", optuna_number=0)
         t2 = store.start_trial(st.id, {"threshold": 0.8}, ray_trial_id="r2", optuna_number=1)
         t3 = store.start_trial(st.id, {"threshold": 0.7})
-        assert store.count_trials(st.id) == {"running": 3, "completed": 0, "failed": 0}
+        assert store.count_trials(st.id) == {"running": 3, "completed": 0, "failed": 0, "pruned": 0}
 
         values = {"quality": 0.5, "quality_drop": 0.0, "skip_ratio": 0.12, "skip_ratio_post_warmup": 0.2,
                   "tokens_per_s": 9.5, "speedup": 1.1}
@@ -123,7 +175,19 @@ def test_trial_lifecycle(db_url):
         assert rows[t2].status == "failed" and rows[t2].error.startswith("RuntimeError: boom")
         assert rows[t3].status == "failed" and rows[t3].error == "interrupted"
         assert [t.id for t in store.trials(st.id, status="completed")] == [t1]
-        assert store.count_trials(st.id) == {"running": 0, "completed": 1, "failed": 2}
+        assert store.count_trials(st.id) == {"running": 0, "completed": 1, "failed": 2, "pruned": 0}
+
+        # A successive-halving trial: values after a rung, then stopped early.
+        t4 = store.start_trial(st.id, {"threshold": 0.6})
+        rung = {"quality": 0.25, "quality_drop": 0.75, "quality_drop_low": 0.25, "quality_drop_high": 1.0, "n": 4,
+                "speedup": 1.3, "speedup_low": 1.1, "speedup_high": 1.5}
+        store.update_trial(t4, values=rung, metrics={"rung": {"rung_samples": 4}})
+        assert store.get_trial(t4).status == "running" and store.get_trial(t4).quality_drop_high == 1.0
+        store.prune_trial(t4, "stopped early after 4 samples", values=rung, samples=SAMPLES[:1])
+        p = store.get_trial(t4)
+        assert p.status == "pruned" and p.stop_reason.startswith("stopped early") and p.n == 4 and p.finished_at
+        assert p.metrics == {"rung": {"rung_samples": 4}} and len(store.samples(t4)) == 1
+        assert store.count_trials(st.id) == {"running": 0, "completed": 1, "failed": 2, "pruned": 1}
 
         samples = store.samples(t1)
         assert [s.idx for s in samples] == [0, 1]
@@ -168,7 +232,7 @@ def test_concurrent_writers_lose_no_rows(db_url):
         p.join(timeout=300)
     assert [p.exitcode for p in procs] == [0] * writers
     with Store(db_url) as store:
-        assert store.count_trials(st.id) == {"running": 0, "completed": writers * per_writer, "failed": 0}
+        assert store.count_trials(st.id) == {"running": 0, "completed": writers * per_writer, "failed": 0, "pruned": 0}
         with store.engine.connect() as conn:
             assert conn.execute(sa.text("SELECT count(*) FROM ffnskip_samples")).scalar() == writers * per_writer * 2
 

@@ -1,6 +1,7 @@
 """Studies end to end on a local Ray with a tiny random model: rows in every table, the Pareto
-front, failed trials (a raising trial, a dying worker), resume after an interrupted run, and the
-``ffnskip results`` commands. No Ray process outlives the module."""
+front, failed trials (a raising trial, a dying worker), successive halving (a trial stopped early
+is stored as pruned and never recommended), the paper's warm-start points, resume after an
+interrupted run, and the ``ffnskip results`` commands. No Ray process outlives the module."""
 
 from __future__ import annotations
 
@@ -92,8 +93,9 @@ def qa_file(tmp_path_factory):
 def make_config(tiny_dir, qa_file, **overrides) -> TuningConfig:
     base = dict(
         study="S", model=str(tiny_dir), task="factoid_qa", data_file=str(qa_file), limit=4, max_new_tokens=6,
+        # answer_agreement: the former name of output_identity, still read as it.
         trials=3, concurrency=2, resources={"cpu": 1, "gpu": 0}, quality_metric="answer_agreement",
-        max_quality_drop=1.0, progress=False,
+        max_quality_drop=1.0, progress=False, warm_start=False,
         # A random model's cosines are low: thresholds that actually trigger skipping.
         search_space={"threshold": [-1.0, 0.6], "warmup_tokens": [0, 2], "dense_every": [0, 3]},
     )
@@ -118,6 +120,11 @@ def count(url: str, sql: str, **params) -> int:
         engine.dispose()
 
 
+def store_samples(url: str, trial_id: int):
+    with Store(url) as store:
+        return store.samples(trial_id)
+
+
 def flaky_evaluate(model, tokenizer, policy, task, **kwargs):
     """The real evaluator, except for two marked policies: one raises, one kills its worker."""
     from ffnskip.eval import evaluate
@@ -133,9 +140,12 @@ def flaky_evaluate(model, tokenizer, policy, task, **kwargs):
 def test_study_end_to_end(ray_local, tiny_dir, qa_file, tmp_path, capsys):
     url = f"sqlite:///{tmp_path / 'e2e.db'}"
     outcome, log = run(make_config(tiny_dir, qa_file), url, tmp_path)
-    assert outcome.ran == {"completed": 3, "failed": 0}
-    assert "measuring the dense baseline" in log and "Pareto front" in log and "best policy" in log
+    assert outcome.ran == {"completed": 3, "failed": 0, "pruned": 0} and outcome.seconds > 0
+    assert "measuring the dense baseline" in log and "Pareto front" in log and "trials/hour" in log
     assert log.count(" completed: ") == 3
+    # The report ends with the verdict.
+    assert log.splitlines()[-2].startswith("verdict (quality drop <= 1 at the 95% upper end")
+    assert log.splitlines()[-3].startswith("recommended policy (--policy file): {")
 
     # Rows in every table.
     assert count(url, "SELECT count(*) FROM ffnskip_studies") == 1
@@ -152,7 +162,9 @@ def test_study_end_to_end(ray_local, tiny_dir, qa_file, tmp_path, capsys):
         for t in trials:
             p = SkipPolicy.from_dict(t.policy)
             assert -1.0 <= p.threshold <= 0.6 and 0 <= p.layer_start < p.layer_end <= 6
-            assert 0.0 <= t.quality <= 1.0 and t.quality_drop == pytest.approx(1.0 - t.quality)
+            assert 0.0 <= t.quality <= 1.0 and t.quality_drop == pytest.approx(1.0 - t.quality) and t.n == 4
+            if t.metrics.get("vs_dense"):  # the report's intervals land in their columns
+                assert t.quality_drop_low <= t.quality_drop <= t.quality_drop_high
             assert t.tokens_per_s > 0 and t.skip_ratio is not None and t.node and t.finished_at >= t.started_at
             assert t.metrics["skip"]["skip_ratio"] == t.skip_ratio and t.optuna_number is not None
         assert any(t.skip_ratio > 0 for t in trials)
@@ -179,7 +191,10 @@ def test_study_end_to_end(ray_local, tiny_dir, qa_file, tmp_path, capsys):
     assert ffnskip_main(["results", "best", "--study", "S", "--db", url, "--json"]) == 0
     policy_text = capsys.readouterr().out
     best = SkipPolicy.from_json(policy_text)
-    assert best.to_dict() in [t.policy for t in trials]
+    assert best.mode == "dense" or best.to_dict() in [t.policy for t in trials]
+    assert ffnskip_main(["results", "best", "--study", "S", "--db", url, "--explain", "--json"]) == 0
+    explained = json.loads(capsys.readouterr().out)
+    assert explained["policy"] == best.to_dict() and explained["quality_metric"] == "output_identity"
     policy_file = tmp_path / "best.json"
     policy_file.write_text(policy_text)
     assert ffnskip_main(["generate", "--model", str(tiny_dir), "--policy", str(policy_file), "--max-new-tokens", "4",
@@ -204,7 +219,7 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(ray_local, tiny_dir, 
     cfg = make_config(tiny_dir, qa_file, study="F", trials=4, evaluator="test_tuning_e2e:flaky_evaluate",
                       start_points=[{"threshold": -0.75}, {"threshold": -0.5}])
     outcome, log = run(cfg, url, tmp_path)
-    assert outcome.ran == {"completed": 2, "failed": 2}
+    assert outcome.ran == {"completed": 2, "failed": 2, "pruned": 0}
     assert log.count("FAILED") == 2
     with Store(url) as store:
         trials = store.trials(store.require_study("F").id)
@@ -237,7 +252,7 @@ def test_resume_after_an_interrupted_run(ray_local, tiny_dir, qa_file, tmp_path,
         run(cfg.replace(trials=4, limit=3), url, tmp_path, resume=True)
 
     second, log = run(cfg.replace(trials=4), url, tmp_path, resume=True)
-    assert second.ran == {"completed": 2, "failed": 0}
+    assert second.ran == {"completed": 2, "failed": 0, "pruned": 0}
     assert "marked 1 interrupted" in log
     assert count(url, "SELECT count(*) FROM ffnskip_trials t JOIN ffnskip_studies s ON s.id = t.study_id "
                       "WHERE s.name = 'R' AND t.status = 'completed'") == 4
@@ -249,4 +264,58 @@ def test_resume_after_an_interrupted_run(ray_local, tiny_dir, qa_file, tmp_path,
     assert "RUNNING" not in states and states.count("COMPLETE") == 4
 
     third, log = run(cfg.replace(trials=4), url, tmp_path, resume=True)
-    assert third.ran == {"completed": 0, "failed": 0} and "nothing to run" in log
+    assert third.ran == {"completed": 0, "failed": 0, "pruned": 0} and "nothing to run" in log
+
+
+def test_successive_halving_stops_a_bad_trial_and_never_recommends_it(ray_local, tiny_dir, qa_file, tmp_path, capsys):
+    """Rungs of 2 then 4 samples, one trial at a time: a policy that never skips (identical to
+    dense) reaches the second rung first; one that skips every FFN it may is far outside the
+    allowed drop on its first rung, so ASHA stops it there."""
+    url = f"sqlite:///{tmp_path / 'asha.db'}"
+    never = {"threshold": 2.0, "warmup_tokens": 0, "layer_start": 1, "layer_end": 5, "skip_budget": 1, "dense_every": 0}
+    always = {"threshold": -1.0, "warmup_tokens": 0, "layer_start": 1, "layer_end": 5, "skip_budget": 3, "dense_every": 0}
+    cfg = make_config(tiny_dir, qa_file, study="H", trials=3, concurrency=1, max_quality_drop=0.0,
+                      max_new_tokens=8, scheduler={"kind": "asha", "min_samples": 2, "reduction_factor": 2},
+                      search_space={"threshold": [-1.0, 2.0], "warmup_tokens": [0, 2], "layer_start": [1, 2],
+                                    "layer_end": [4, 5], "dense_every": [0, 3]},
+                      start_points=[never, always])
+    outcome, log = run(cfg, url, tmp_path)
+    assert outcome.ran["pruned"] >= 1 and outcome.ran["completed"] >= 1 and outcome.ran["failed"] == 0
+    assert "successive halving over 2 -> 4 samples" in log and "stopped early after 2 samples" in log
+    assert "stopped early by successive halving" in log  # the trials/hour line counts them
+    with Store(url) as store:
+        trials = {t.policy["threshold"]: t for t in store.trials(store.require_study("H").id)}
+    good, bad = trials[2.0], trials[-1.0]
+    assert good.status == "completed" and good.n == 4 and good.quality_drop == 0.0
+    assert good.metrics["rung"]["rung_index"] == 1 and good.metrics["rung"]["rungs"] == 2
+    assert bad.status == "pruned" and bad.n == 2 and bad.quality_drop > 0
+    assert bad.stop_reason.startswith("stopped early by successive halving after rung 1 of 2 (2 samples)")
+    assert bad.finished_at and len(store_samples(url, bad.id)) == 2
+    ot = {t.params.get("threshold"): t for t in optuna.load_study(study_name="H", storage=url).trials}
+    assert ot[-1.0].state.name == "PRUNED" and ot[2.0].state.name == "COMPLETE"
+    assert ot[-1.0].user_attrs["stopped_at_samples"] == 2
+
+    # Never recommended, whatever the limit: pruned rows are not candidates.
+    capsys.readouterr()
+    for limit in ("0.0", "1.0"):
+        assert ffnskip_main(["results", "best", "--study", "H", "--db", url, "--explain", "--json",
+                             "--max-quality-drop", limit]) == 0
+        d = json.loads(capsys.readouterr().out)
+        assert d["trial_id"] != bad.id and (d["candidate"] or {}).get("trial_id") != bad.id
+        assert d["trials"]["pruned"] == outcome.ran["pruned"]
+    assert ffnskip_main(["results", "trials", "--study", "H", "--db", url, "--status", "pruned"]) == 0
+    assert f"trial {bad.id} stopped early: stopped early by successive halving" in capsys.readouterr().out
+
+
+def test_warm_start_evaluates_the_papers_points_first(ray_local, tiny_dir, qa_file, tmp_path):
+    from tuning.space import paper_points, resolve_space
+
+    url = f"sqlite:///{tmp_path / 'warm.db'}"
+    cfg = make_config(tiny_dir, qa_file, study="W", trials=2, concurrency=1, warm_start=True)
+    outcome, _ = run(cfg, url, tmp_path)
+    assert outcome.ran["completed"] == 2
+    expected = paper_points(resolve_space(cfg.search_space, 6, 6), 6, 6)
+    with Store(url) as store:
+        trials = store.trials(store.require_study("W").id)
+    got = [{k: t.policy[k] for k in expected[0]} for t in sorted(trials, key=lambda t: t.optuna_number)]
+    assert got == expected[:2]

@@ -32,7 +32,6 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .objectives import NoFeasibleTrial
     from .store import StoreError
     from .study import run_study
 
@@ -42,9 +41,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         outcome = run_study(cfg, db=args.db, resume=args.resume, address=args.address)
     except ConfigError as exc:
         raise CLIError(f"{args.config}: {exc}") from None
-    except (StoreError, NoFeasibleTrial) as exc:
+    except StoreError as exc:
         raise CLIError(str(exc)) from None
-    if outcome.ran["failed"] and not outcome.ran["completed"]:
+    if outcome.ran["failed"] and not outcome.ran["completed"] and not outcome.ran.get("pruned"):
         print(f"every trial of this run failed: see ffnskip results trials --study {outcome.name} "
               f"--db {outcome.url}", file=sys.stderr)
         return 1
@@ -77,19 +76,27 @@ def register_results(sub) -> None:
     q = rs.add_parser("trials", help="a study's trials")
     _common(q)
     q.add_argument("--sort", metavar="M", help="best first by this column (e.g. skip_ratio, quality, tokens_per_s)")
-    q.add_argument("--status", choices=["running", "completed", "failed"], help="only trials in this state")
+    q.add_argument("--status", choices=["running", "completed", "failed", "pruned"], help="only trials in this state")
     q.set_defaults(func=cmd_trials)
 
     q = rs.add_parser("pareto", help="the non-dominated completed trials on the study's objectives")
     _common(q)
     q.set_defaults(func=cmd_pareto)
 
-    q = rs.add_parser("best", help="the best policy within the quality constraint, as --policy JSON")
+    q = rs.add_parser(
+        "best", help="the policy to deploy (dense when no trial is reliably faster within the quality drop), as --policy JSON",
+        description="The recommendation rule: among completed trials whose quality drop's 95%% upper end is at most "
+                    "D and whose speed-up's 95%% lower end is above 1, the fastest; otherwise the dense policy, with "
+                    "the reason. Trials stored without intervals are judged on their point values (and flagged). "
+                    "Standard output is a policy file for --policy (with --explain --json: the verdict as JSON).")
     _common(q)
     q.add_argument("--max-quality-drop", type=nonneg_float("--max-quality-drop"), metavar="D",
-                   help="largest allowed quality drop against dense (default: the study's max_quality_drop)")
-    q.add_argument("--objective", choices=["skip_ratio", "tokens_per_s"], default="skip_ratio",
-                   help="what to maximise within the constraint (default skip_ratio)")
+                   help="largest allowed quality drop against dense, at the 95%% upper end (default: the study's max_quality_drop)")
+    q.add_argument("--objective", choices=["speedup", "skip_ratio", "tokens_per_s"], default="speedup",
+                   help="what to maximise among the trials that qualify (default: the measured speed-up)")
+    q.add_argument("--explain", action="store_true",
+                   help="print the verdict (policy, reason, quality drop and speed-up with their 95%% intervals, n) "
+                        "instead of the bare policy; with --json as one JSON object")
     q.add_argument("--out", metavar="FILE.json", help="also write the policy to this file")
     q.set_defaults(func=cmd_best)
 
@@ -141,8 +148,9 @@ def cmd_studies(args) -> int:
         b = baselines[s.study.id]
         rows.append({
             "id": s.study.id, "name": s.study.name, "model": s.study.model, "task": s.study.task,
-            "completed": s.counts.get("completed", 0), "failed": s.counts.get("failed", 0),
-            "running": s.counts.get("running", 0), "dense_quality": b.quality if b else None,
+            "completed": s.counts.get("completed", 0), "pruned": s.counts.get("pruned", 0),
+            "failed": s.counts.get("failed", 0), "running": s.counts.get("running", 0),
+            "dense_quality": b.quality if b else None,
             "created_at": s.study.created_at.isoformat(timespec="seconds"),
         })
     if args.json:
@@ -170,9 +178,11 @@ def cmd_trials(args) -> int:
 
     print(baseline_line(view))
     print(trials_table(rows) if rows else "no trials")
-    failed = [r for r in rows if r["status"] == "failed"]
-    for r in failed:
-        print(f"trial {r['id']} failed: {r['error']}")
+    for r in rows:
+        if r["status"] == "failed":
+            print(f"trial {r['id']} failed: {r['error']}")
+        elif r["status"] == "pruned":
+            print(f"trial {r['id']} stopped early: {r['stop_reason']}")
     return 0
 
 
@@ -180,7 +190,7 @@ def cmd_pareto(args) -> int:
     from .results import baseline_line, trial_row, trials_table
 
     view = _view(args)
-    front = sorted(view.pareto(), key=lambda t: (-(t.skip_ratio or 0.0), t.id))
+    front = sorted(view.pareto(), key=lambda t: (-(t.speedup or 0.0), t.id))
     rows = [trial_row(t, view.max_quality_drop) for t in front]
     if args.json:
         print(json.dumps({"objectives": view.objectives, "directions": view.directions,
@@ -194,19 +204,18 @@ def cmd_pareto(args) -> int:
 
 
 def cmd_best(args) -> int:
-    from .objectives import NoFeasibleTrial
-    from .results import choice_line, policy_json
+    from .results import explain, explain_text, policy_json, verdict_lines, verdict_policy
 
     view = _view(args)
-    try:
-        choice = view.choose(args.max_quality_drop, args.objective)
-    except NoFeasibleTrial as exc:
-        raise CLIError(str(exc)) from None
-    text = policy_json(choice.policy)
+    verdict = view.recommend(args.max_quality_drop, args.objective)
+    text = policy_json(verdict_policy(verdict))
     if args.out:
         Path(args.out).write_text(text + "\n")
-    limit = view.max_quality_drop if args.max_quality_drop is None else args.max_quality_drop
-    print(f"# {choice_line(view, choice, limit, args.objective)}", file=sys.stderr)
+    if args.explain:
+        print(json.dumps(explain(view, verdict), indent=2) if args.json else explain_text(view, verdict))
+        return 0
+    for line in verdict_lines(view, verdict)[1:]:
+        print(f"# {line.strip()}", file=sys.stderr)
     print(text)
     return 0
 

@@ -14,11 +14,22 @@ from typing import Any
 
 from ffnskip.errors import FFNSkipError
 
-#: Objectives a study can optimise (at least one; quality first when present).
-OBJECTIVES = ("quality", "skip_ratio", "tokens_per_s")
-#: ``quality_metric`` values: the task's primary metric, or fidelity to the dense model's output.
-QUALITY_METRICS = ("primary", "answer_agreement", "rouge_l_vs_dense")
+#: Objectives a study can optimise (at least one; quality first when present). ``speedup`` is the
+#: policy's tokens/s over dense's, measured alternately in the trial (what the recommendation
+#: rule maximises); ``tokens_per_s`` is the policy's own speed.
+OBJECTIVES = ("quality", "skip_ratio", "tokens_per_s", "speedup")
+#: Default objectives (studies stored before ``speedup`` existed used these).
+DEFAULT_OBJECTIVES = ("quality", "skip_ratio", "tokens_per_s")
+#: ``quality_metric`` values: the task's primary metric, or fidelity to the dense model's output:
+#: ``output_identity`` (the whole output identical to dense's), ``answer_agreement_short`` (the
+#: short answers agree: first line / sentence, SQuAD-normalised), ``rouge_l_vs_dense``.
+QUALITY_METRICS = ("primary", "output_identity", "answer_agreement_short", "rouge_l_vs_dense")
+#: Former names of quality metrics, read as the current ones (``answer_agreement`` meant the
+#: whole output identical to dense's: ``output_identity``).
+RENAMED_QUALITY_METRICS = {"answer_agreement": "output_identity"}
 SAMPLERS = ("tpe", "nsga2")
+#: ``scheduler.kind`` values: ``asha`` (successive halving over the number of samples) or ``none``.
+SCHEDULERS = ("asha", "none")
 #: Searchable SkipPolicy fields, in sampling order.
 SPACE_KEYS = ("threshold", "warmup_tokens", "layer_start", "layer_end", "skip_budget", "dense_every")
 DEFAULT_EVALUATOR = "ffnskip.eval:evaluate"
@@ -68,6 +79,52 @@ class Resources:
         if self.gpu > 1 and not float(self.gpu).is_integer():
             raise ConfigError("resources.gpu", f"above 1 must be a whole number of GPUs; got {self.gpu!r}")
         self.cpu, self.gpu = float(self.cpu), float(self.gpu)
+
+
+@dataclass
+class Scheduler:
+    """Successive halving over the number of samples (Ray Tune's ASHA scheduler).
+
+    A trial is evaluated on rungs of growing sample counts, ``min_samples``,
+    ``min_samples * reduction_factor``, ... and finally the study's ``limit``; after each rung the
+    scheduler stops it unless it ranks in the best ``1 / reduction_factor`` of the trials that
+    reached that rung (score: the skip ratio when the quality drop is within ``max_quality_drop``,
+    else minus the excess drop). The rungs before the last measure quality only (no speed runs,
+    no teacher-forced NLL); the last one is the full evaluation. A stopped trial is stored as
+    ``pruned`` and never recommended.
+    """
+
+    kind: str = "asha"
+    """``asha`` or ``none`` (every trial on all samples)."""
+    min_samples: int = 4
+    """Samples of the first rung (>= 1)."""
+    reduction_factor: float = 2
+    """Rung growth and the share kept per rung (> 1): 2 keeps the better half."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULERS:
+            raise ConfigError("scheduler.kind", f"must be one of {', '.join(SCHEDULERS)}; got {self.kind!r}")
+        if not _is_int(self.min_samples) or self.min_samples < 1:
+            raise ConfigError("scheduler.min_samples", f"must be a positive integer; got {self.min_samples!r}")
+        if not _is_num(self.reduction_factor) or self.reduction_factor <= 1:
+            raise ConfigError("scheduler.reduction_factor", f"must be a number > 1; got {self.reduction_factor!r}")
+        self.reduction_factor = float(self.reduction_factor)
+
+    def rungs(self, total: int) -> list[tuple[float, int]]:
+        """The rungs of a study on ``total`` samples: ``(t, samples)`` pairs, the last one
+        ``(total, total)``. ``t = min_samples * reduction_factor ** k`` is what the trial reports
+        to the scheduler (exactly ASHA's milestones); ``samples`` is ``ceil(t)``."""
+        out: list[tuple[float, int]] = []
+        k = 0
+        while self.kind != "none":
+            t = self.min_samples * self.reduction_factor ** k
+            if t >= total:
+                break
+            n = math.ceil(t - 1e-9)
+            if n < total and (not out or n > out[-1][1]):
+                out.append((t, n))
+            k += 1
+        return out + [(float(total), total)]
 
 
 @dataclass
@@ -178,15 +235,25 @@ class TuningConfig:
     population_size: int | None = None
     """NSGA-II: population size. Default max(4, min(50, trials // 3))."""
 
-    objectives: list[str] = field(default_factory=lambda: list(OBJECTIVES))
-    """Objectives, any of quality, skip_ratio, tokens_per_s (quality follows its metric's
+    objectives: list[str] = field(default_factory=lambda: list(DEFAULT_OBJECTIVES))
+    """Objectives, any of quality, skip_ratio, tokens_per_s, speedup (quality follows its metric's
     direction; the others are maximised)."""
     quality_metric: str = "primary"
     """``primary`` (the task's own metric, e.g. factoid accuracy) or a fidelity metric against the
-    dense output: ``answer_agreement``, ``rouge_l_vs_dense``."""
+    dense output: ``output_identity``, ``answer_agreement_short``, ``rouge_l_vs_dense``
+    (``answer_agreement``, the former name of ``output_identity``, is read as it)."""
     max_quality_drop: float | None = 0.05
     """Constraint: quality may fall at most this much below the dense baseline (in the metric's
-    units; null = unconstrained). Also the default of ``ffnskip results best``."""
+    units; null = unconstrained). The recommendation (``ffnskip results best``) applies it to the
+    upper end of the drop's 95% interval."""
+    scheduler: Scheduler | None = None
+    """Successive halving over the number of samples (see :class:`Scheduler`), e.g.
+    ``{kind: asha, min_samples: 4, reduction_factor: 2}``. Default (null): off, every trial is
+    evaluated on all ``limit`` samples."""
+    warm_start: bool = True
+    """Evaluate the method's published settings first (method.md: the authors' code and the
+    paper's 7B band, mapped to the model's depth and clamped into the search space), after
+    ``start_points``."""
 
     search_space: SearchSpace = field(default_factory=SearchSpace)
     """Bounds of the searched policy fields (see :class:`SearchSpace`)."""
@@ -215,7 +282,7 @@ class TuningConfig:
             not isinstance(self.fields, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in self.fields.items())
         ):
             raise ConfigError("fields", f"must be a mapping of names to column names; got {self.fields!r}")
-        for key in ("chat", "progress"):
+        for key in ("chat", "progress", "warm_start"):
             if not isinstance(getattr(self, key), bool) and not (key == "chat" and self.chat is None):
                 raise ConfigError(key, f"must be true or false; got {getattr(self, key)!r}")
         for key, optional in (("limit", True), ("max_new_tokens", True), ("batch_size", False),
@@ -241,8 +308,10 @@ class TuningConfig:
             raise ConfigError(
                 "objectives", f"must be a non-empty list of distinct names among {', '.join(OBJECTIVES)}; got {self.objectives!r}"
             )
+        self.quality_metric = RENAMED_QUALITY_METRICS.get(self.quality_metric, self.quality_metric)
         if self.quality_metric not in QUALITY_METRICS:
-            raise ConfigError("quality_metric", f"must be one of {', '.join(QUALITY_METRICS)}; got {self.quality_metric!r}")
+            raise ConfigError("quality_metric", f"must be one of {', '.join(QUALITY_METRICS)} (answer_agreement, the former "
+                              f"name of output_identity, is read as output_identity); got {self.quality_metric!r}")
         if self.max_quality_drop is not None:
             if not _is_num(self.max_quality_drop) or self.max_quality_drop < 0:
                 raise ConfigError("max_quality_drop", f"must be a number >= 0 or null; got {self.max_quality_drop!r}")
@@ -252,6 +321,13 @@ class TuningConfig:
             self.resources = Resources(**self.resources)
         elif not isinstance(self.resources, Resources):
             raise ConfigError("resources", f"must be a mapping with cpu and gpu; got {self.resources!r}")
+        if isinstance(self.scheduler, dict):
+            _check_keys(self.scheduler, Scheduler, "scheduler.")
+            self.scheduler = Scheduler(**self.scheduler)
+        elif self.scheduler is not None and not isinstance(self.scheduler, Scheduler):
+            raise ConfigError("scheduler", f"must be a mapping (kind, min_samples, reduction_factor) or null; got {self.scheduler!r}")
+        if self.scheduler is not None and self.scheduler.kind == "none":
+            self.scheduler = None
         if isinstance(self.search_space, dict):
             _check_keys(self.search_space, SearchSpace, "search_space.")
             self.search_space = SearchSpace(**self.search_space)

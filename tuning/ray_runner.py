@@ -10,6 +10,12 @@
 * Store: all writes happen in the driver, in :class:`StoreCallback` (Tune callbacks), so a worker
   needs no database access (a SQLite file on the head node works on a multi-node cluster), and a
   trial whose worker dies is still recorded, from Tune's error report.
+* Successive halving (config ``scheduler: {kind: asha, ...}``): a trial reports one result per
+  rung of growing sample counts (:func:`tuning.trial.run_rungs`); Ray Tune's ``ASHAScheduler``
+  (``time_attr="rung"``, ``metric="asha_score"``) stops the ones outside the best
+  ``1 / reduction_factor`` of their rung. A stopped trial is stored as ``pruned`` (its last rung's
+  values and the reason) and told to Optuna as ``PRUNED``; only the last rung, on the study's own
+  ``limit``, completes a trial.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any, Callable, Iterator
 
 from .objectives import constraint_value
 from .space import policy_from_params, suggest
-from .store import Store, optuna_storage
+from .store import METRIC_COLUMNS, Store, optuna_storage
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +165,25 @@ def _make_search_class():
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
             ot = self._ot_trials.get(trial_id)
+            if (ot is not None and result and not error and result.get("final") is False
+                    and trial_id not in self._completed_trials):
+                # Stopped by successive halving: its values are on part of the samples, not
+                # comparable with the completed trials', so Optuna learns only that it was pruned.
+                from optuna.trial import TrialState
+
+                ot.set_user_attr("stopped_at_samples", result.get("rung_samples"))
+                ot.set_user_attr("asha_score", result.get("asha_score"))
+                try:
+                    self._ot_study.tell(ot, state=TrialState.PRUNED)
+                except Exception as exc:  # noqa: BLE001 - as OptunaSearch does for its own tell
+                    log.warning("optuna: %s", exc)
+                self._completed_trials.add(trial_id)
+                return
             if ot is not None and result and not error and "quality_drop" in result:
                 if self._max_quality_drop is not None:
                     ot.set_constraint("quality_drop", constraint_value(result["quality_drop"], self._max_quality_drop))
-                for key in ("quality_drop", "skip_ratio_post_warmup", "speedup", "node"):
+                for key in ("quality_drop", "quality_drop_high", "skip_ratio_post_warmup", "speedup", "speedup_low", "n",
+                            "node"):
                     if result.get(key) is not None:
                         ot.set_user_attr(key, result[key])
             super().on_trial_complete(trial_id, result=result, error=error)
@@ -218,13 +239,18 @@ def _make_callback_class():
         """Writes every trial to the store as it starts, completes or fails; prints progress."""
 
         def __init__(self, store: Store, study_id: int, search, *, seed: int, total: int, done_before: int,
-                     echo: Callable[[str], None], fmt: Callable[[dict], str], status_every_s: float = 60.0):
+                     echo: Callable[[str], None], fmt: Callable[[dict], str], status_every_s: float = 60.0,
+                     reduction_factor: float = 2.0):
             self.store, self.study_id, self.search, self.seed = store, study_id, search, seed
             self.echo, self.fmt = echo, fmt
             self.rows: dict[str, int] = {}
             self.finished: set[str] = set()
+            self.last: dict[str, tuple] = {}  # a running trial's last rung: (result, values, metrics)
+            self.history: dict[str, list] = {}  # per trial: one summary per rung so far
+            self.started: dict[str, Any] = {}  # when a trial's first rung started
             self.total, self.done_before = total, done_before
-            self.completed = self.failed = 0
+            self.completed = self.failed = self.pruned = 0
+            self.reduction_factor = reduction_factor
             self.status_every_s = status_every_s
             self._last_status = time.monotonic()
 
@@ -239,8 +265,9 @@ def _make_callback_class():
             return self.rows[trial.trial_id]
 
         def _progress(self) -> str:
-            done = self.done_before + self.completed
-            return f"[{done}/{self.total} completed, {self.failed} failed]"
+            done = self.done_before + self.completed + self.pruned
+            return (f"[{done}/{self.total} finished" + (f", {self.pruned} stopped early" if self.pruned else "")
+                    + f", {self.failed} failed]")
 
         # ---------------------------------------------------------------- Tune hooks
         def on_trial_start(self, iteration, trials, trial, **info):
@@ -262,18 +289,54 @@ def _make_callback_class():
             if trial.trial_id in self.finished or "quality" not in result:
                 return
             row = self._row(trial)
-            values = {k: result.get(k) for k in ("quality", "quality_drop", "skip_ratio",
-                                                  "skip_ratio_post_warmup", "tokens_per_s", "speedup")}
-            metrics = {**(result.get("report") or {}),
-                       "worker": {k: result.get(k) for k in ("node", "pid", "model_loads")}}
-            self.store.complete_trial(
-                row, values=values, metrics=metrics, samples=result.get("samples") or [],
-                node=result.get("node"), started_at=_parse_time(result.get("started_at")),
+            values = {k: result.get(k) for k in METRIC_COLUMNS}
+            report = result.get("report") or {}
+            history = self.history.setdefault(trial.trial_id, [])
+            history.append({"samples": result.get("rung_samples"), "asha_score": result.get("asha_score"),
+                            "seconds": (report.get("settings") or {}).get("seconds"),
+                            **{k: values.get(k) for k in ("quality_drop", "quality_drop_high", "speedup", "speedup_low")}})
+            metrics = {**report,
+                       "worker": {k: result.get(k) for k in ("node", "pid", "model_loads")},
+                       "rung": {k: result.get(k) for k in ("rung", "rung_samples", "rung_index", "rungs", "asha_score")},
+                       "rungs": list(history)}
+            final = result.get("final", True)
+            if final:
+                self.store.complete_trial(
+                    row, values=values, metrics=metrics, samples=result.get("samples") or [],
+                    node=result.get("node"), started_at=self.started.get(trial.trial_id) or _parse_time(result.get("started_at")),
+                    finished_at=_parse_time(result.get("finished_at")),
+                )
+                self.finished.add(trial.trial_id)
+                self.completed += 1
+                self.echo(f"{self._label(trial)} completed: {self.fmt(values)} {self._progress()}")
+                return
+            self.started.setdefault(trial.trial_id, _parse_time(result.get("started_at")))
+            if result.get("done"):  # the scheduler stopped it on this rung
+                self._prune(trial, result, values, metrics)
+                return
+            self.last[trial.trial_id] = (result, values, metrics)
+            self.store.update_trial(row, values=values, metrics=metrics, node=result.get("node"))
+            self.echo(f"{self._label(trial)} rung {result.get('rung_index', 0) + 1}/{result.get('rungs')} "
+                      f"({result.get('rung_samples')} samples, score {result.get('asha_score', 0):.3f}): "
+                      f"{self.fmt(values)}")
+
+        def _prune(self, trial, result, values, metrics) -> None:
+            if trial.trial_id in self.finished:
+                return
+            n = result.get("rung_samples")
+            score = result.get("asha_score")
+            reason = (f"stopped early by successive halving after rung {result.get('rung_index', 0) + 1} of "
+                      f"{result.get('rungs')} ({n} samples): its score {score:.3f} (the skip ratio within the quality "
+                      "drop, else minus the excess drop) was outside the best 1/"
+                      f"{self.reduction_factor:g} of the trials that reached that rung")
+            self.store.prune_trial(
+                self._row(trial), reason, values=values, metrics=metrics, samples=result.get("samples") or [],
+                node=result.get("node"), started_at=self.started.get(trial.trial_id),
                 finished_at=_parse_time(result.get("finished_at")),
             )
             self.finished.add(trial.trial_id)
-            self.completed += 1
-            self.echo(f"{self._label(trial)} completed: {self.fmt(values)} {self._progress()}")
+            self.pruned += 1
+            self.echo(f"{self._label(trial)} stopped early after {n} samples: {self.fmt(values)} {self._progress()}")
 
         def _fail(self, trial, text: str, shown: str, node: str | None = None) -> None:
             """Record ``trial`` as failed with ``text``, once; print ``shown``."""
@@ -291,6 +354,10 @@ def _make_callback_class():
             self._fail(trial, text, text.splitlines()[0], node=getattr(trial, "node_ip", None))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
+            last = self.last.get(trial.trial_id)
+            if last is not None and trial.trial_id not in self.finished:  # stopped after a rung
+                self._prune(trial, *last)
+                return
             self._fail(trial, "the trial ended without reporting a result", "no result")
 
         def on_step_end(self, iteration, trials, **info):
@@ -304,7 +371,7 @@ def _make_callback_class():
 
         def __getstate__(self):  # Tune pickles its callbacks with the experiment state
             state = self.__dict__.copy()
-            state.update(store=None, echo=None, fmt=None)
+            state.update(store=None, echo=None, fmt=None, last={}, history={})
             return state
 
         def unfinished_rows(self) -> list[int]:
@@ -324,9 +391,20 @@ def _policy_brief(p: dict) -> str:
 def _trainable(config: dict, spec=None, context=None) -> None:
     from ray import tune
 
-    from .trial import run_trial
+    from .trial import run_rungs
 
-    tune.report(run_trial(spec, config, context))
+    for result in run_rungs(spec, config, context):  # successive halving may stop us after any rung
+        tune.report(result)
+
+
+def make_scheduler(cfg, rungs: list | None):
+    """Ray Tune's ASHA over the rungs (``None`` without successive halving)."""
+    if cfg.scheduler is None or not rungs or len(rungs) < 2:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="rung", metric="asha_score", mode="max", grace_period=cfg.scheduler.min_samples,
+                         max_t=rungs[-1][0], reduction_factor=cfg.scheduler.reduction_factor)
 
 
 def run_search(*, cfg, spec, context: dict[str, Any], bounds: dict[str, Any], store: Store, url: str,
@@ -345,6 +423,7 @@ def run_search(*, cfg, spec, context: dict[str, Any], bounds: dict[str, Any], st
     )
     callback = _make_callback_class()(
         store, study_id, search, seed=cfg.seed, total=total, done_before=done_before, echo=echo, fmt=fmt,
+        reduction_factor=cfg.scheduler.reduction_factor if cfg.scheduler is not None else 2.0,
     )
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, spec=spec, context=context),
@@ -353,7 +432,8 @@ def run_search(*, cfg, spec, context: dict[str, Any], bounds: dict[str, Any], st
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=search, num_samples=num_samples, max_concurrent_trials=cfg.concurrency, reuse_actors=True,
+            search_alg=search, scheduler=make_scheduler(cfg, context.get("rungs")), num_samples=num_samples,
+            max_concurrent_trials=cfg.concurrency, reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=f"{study_name}-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -365,6 +445,7 @@ def run_search(*, cfg, spec, context: dict[str, Any], bounds: dict[str, Any], st
     )
     # Tune's result files are off (the store has everything): do not warn that they are missing.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    started = time.monotonic()
     try:
         tuner.fit()
     finally:
@@ -372,4 +453,5 @@ def run_search(*, cfg, spec, context: dict[str, Any], bounds: dict[str, Any], st
         left = callback.unfinished_rows()
         if left:
             store.fail_running_trials(study_id, INTERRUPTED, ids=left)
-    return {"completed": callback.completed, "failed": callback.failed}
+    return {"completed": callback.completed, "failed": callback.failed, "pruned": callback.pruned,
+            "seconds": time.monotonic() - started}

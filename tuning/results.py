@@ -1,7 +1,8 @@
-"""Reading studies back: trial tables, the Pareto front, the best policy, export and plot.
+"""Reading studies back: trial tables, the Pareto front, the recommendation, export and plot.
 
-Plain Python over :class:`~tuning.store.Store` (no Ray); the ``ffnskip results`` commands and the
-end-of-study summary use it, and so can other packages (:func:`best_policy` for serving).
+Plain Python over :class:`~tuning.store.Store` (no Ray); the ``ffnskip results`` commands, the
+end-of-study summary and serving (:func:`recommendation`, :func:`best_policy`) use it. The rule
+itself is :func:`tuning.objectives.recommend`.
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ from typing import Any, Sequence
 
 from ffnskip.policy import SkipPolicy
 
-from .objectives import NoFeasibleTrial, choose_best, directions as objective_directions, feasible, pareto_front
+from .config import DEFAULT_OBJECTIVES
+from .objectives import Verdict, directions as objective_directions, judge, pareto_front, recommend
 from .store import BaselineRecord, Store, StudyRecord, TrialRecord
 
 POLICY_COLUMNS = ("threshold", "warmup_tokens", "layer_start", "layer_end", "skip_budget", "dense_every")
-METRIC_COLUMNS = ("quality", "quality_drop", "skip_ratio", "skip_ratio_post_warmup", "tokens_per_s", "speedup")
+METRIC_COLUMNS = ("quality", "quality_drop", "quality_drop_low", "quality_drop_high", "skip_ratio",
+                  "skip_ratio_post_warmup", "tokens_per_s", "speedup", "speedup_low", "speedup_high", "n")
 #: Sortable columns where smaller is better.
-SMALLER_IS_BETTER = {"quality_drop", "duration_s", "id"}
-ROW_COLUMNS = ("id", "status", *POLICY_COLUMNS, *METRIC_COLUMNS, "feasible", "duration_s", "node", "optuna_number",
-               "error")
+SMALLER_IS_BETTER = {"quality_drop", "quality_drop_low", "quality_drop_high", "duration_s", "id"}
+ROW_COLUMNS = ("id", "status", *POLICY_COLUMNS, *METRIC_COLUMNS, "feasible", "faster", "duration_s", "node",
+               "optuna_number", "error", "stop_reason")
 
 
 @dataclass
@@ -40,7 +43,7 @@ class StudyView:
 
     @property
     def objectives(self) -> list[str]:
-        return list(self.config.get("objectives") or ["quality", "skip_ratio", "tokens_per_s"])
+        return list(self.config.get("objectives") or DEFAULT_OBJECTIVES)
 
     @property
     def quality(self) -> dict[str, Any]:
@@ -60,7 +63,7 @@ class StudyView:
         return [t for t in self.trials if t.status == "completed"]
 
     def counts(self) -> dict[str, int]:
-        out = {"running": 0, "completed": 0, "failed": 0}
+        out = {"running": 0, "completed": 0, "failed": 0, "pruned": 0}
         for t in self.trials:
             out[t.status] = out.get(t.status, 0) + 1
         return out
@@ -71,33 +74,16 @@ class StudyView:
         points = [[getattr(t, o) for o in self.objectives] for t in done]
         return [done[i] for i in pareto_front(points, self.directions)]
 
-    def best(self, max_quality_drop: float | None = None, objective: str = "skip_ratio") -> TrialRecord:
-        """The best completed trial within the constraint; raises :class:`NoFeasibleTrial`."""
+    def recommend(self, max_quality_drop: float | None = None, objective: str = "speedup") -> Verdict:
+        """The recommendation rule (:func:`tuning.objectives.recommend`) over the study's trials,
+        within ``max_quality_drop`` (default: the study's)."""
         limit = self.max_quality_drop if max_quality_drop is None else max_quality_drop
-        return choose_best(self.completed, max_quality_drop=limit, objective=objective)
-
-    def choose(self, max_quality_drop: float | None = None, objective: str = "skip_ratio") -> "Choice":
-        """Like :meth:`best`, but when no trial keeps the quality drop within the limit, the
-        study's dense baseline (drop 0, no skipping) is the answer: it is the only measured
-        policy that does."""
-        try:
-            return Choice(self.best(max_quality_drop, objective))
-        except NoFeasibleTrial as exc:
-            if self.baseline is None:
-                raise
-            return Choice(None, f"{exc}; the dense policy (no skipping) is the only one within the limit")
+        return recommend(self.trials, max_quality_drop=limit, objective=objective, metric=self.quality["metric"])
 
 
-@dataclass
-class Choice:
-    """The chosen trial, or ``None`` for the dense baseline (with ``note`` saying why)."""
-
-    trial: TrialRecord | None
-    note: str | None = None
-
-    @property
-    def policy(self) -> SkipPolicy:
-        return SkipPolicy.from_dict(self.trial.policy) if self.trial else SkipPolicy.dense()
+def verdict_policy(verdict: Verdict) -> SkipPolicy:
+    """The policy file of a verdict: the chosen trial's, or dense."""
+    return SkipPolicy.from_dict(verdict.trial.policy) if verdict.trial is not None else SkipPolicy.dense()
 
 
 def load_view(store: Store, name: str) -> StudyView:
@@ -105,25 +91,94 @@ def load_view(store: Store, name: str) -> StudyView:
     return StudyView(study, store.get_baseline(study.id), store.trials(study.id))
 
 
-def best_policy(url: str | None, study: str, *, max_quality_drop: float | None = None,
-                objective: str = "skip_ratio") -> SkipPolicy:
-    """The study's best policy within the quality constraint (dense when no trial is within it)."""
+def recommendation(url: str | None, study: str, *, max_quality_drop: float | None = None,
+                   objective: str = "speedup") -> tuple[StudyView, Verdict]:
+    """The study and its verdict (serving calls this)."""
     with Store(url, must_exist=True) as store:
-        return load_view(store, study).choose(max_quality_drop, objective).policy
+        view = load_view(store, study)
+    return view, view.recommend(max_quality_drop, objective)
+
+
+def best_policy(url: str | None, study: str, *, max_quality_drop: float | None = None,
+                objective: str = "speedup") -> SkipPolicy:
+    """The policy the rule recommends for ``study`` (dense when no trial qualifies)."""
+    return verdict_policy(recommendation(url, study, max_quality_drop=max_quality_drop, objective=objective)[1])
+
+
+def _ci(low: float | None, high: float | None) -> list[float] | None:
+    return None if low is None or high is None else [low, high]
+
+
+def explain(view: StudyView, verdict: Verdict) -> dict[str, Any]:
+    """The verdict as data (``results best --explain --json``). ``quality_drop`` .. ``n`` describe
+    the recommended policy (dense: drop 0, speed-up 1 by definition, on the baseline's samples);
+    ``candidate`` is the trial that came closest (the chosen one, or the one the reason names)."""
+    counts = view.counts()
+    out: dict[str, Any] = {
+        "study": view.study.name,
+        "verdict": "dense" if verdict.dense else "policy",
+        "policy": verdict_policy(verdict).to_dict(),
+        "trial_id": None if verdict.dense else verdict.trial.id,
+        "reason": verdict.reason,
+        "quality_metric": view.quality["metric"],
+        "max_quality_drop": verdict.max_quality_drop,
+        "objective": verdict.objective,
+    }
+    if verdict.dense:
+        n = view.baseline.n if view.baseline else None
+        out.update(quality_drop=0.0, quality_drop_ci95=[0.0, 0.0], speedup=1.0, speedup_ci95=[1.0, 1.0], n=n,
+                   intervals=True)
+    else:
+        t = verdict.trial
+        out.update(quality_drop=t.quality_drop, quality_drop_ci95=_ci(t.quality_drop_low, t.quality_drop_high),
+                   speedup=t.speedup, speedup_ci95=_ci(t.speedup_low, t.speedup_high), n=t.n,
+                   intervals=not verdict.approximate)
+    c = verdict.candidate
+    out["candidate"] = None if c is None else {
+        "trial_id": c.trial.id, "quality_drop": c.trial.quality_drop,
+        "quality_drop_ci95": _ci(c.trial.quality_drop_low, c.trial.quality_drop_high),
+        "speedup": c.trial.speedup, "speedup_ci95": _ci(c.trial.speedup_low, c.trial.speedup_high), "n": c.trial.n,
+        "skip_ratio": c.trial.skip_ratio, "intervals": c.intervals, "within_drop": c.within_drop, "faster": c.faster,
+        "policy": c.trial.policy,
+    }
+    out["trials"] = {"completed": counts["completed"], "pruned": counts["pruned"], "failed": counts["failed"],
+                     "running": counts["running"]}
+    return out
+
+
+def explain_text(view: StudyView, verdict: Verdict) -> str:
+    """The verdict for a person (``results best --explain``)."""
+    d = explain(view, verdict)
+    limit = "unconstrained" if d["max_quality_drop"] is None else f"max {d['quality_metric']} drop {d['max_quality_drop']:g}"
+    head = ("verdict: dense (no skipping)" if verdict.dense else f"verdict: trial {d['trial_id']}")
+    lines = [f"{head}  [{limit}; 95% intervals; {d['trials']['completed']} completed, "
+             f"{d['trials']['pruned']} stopped early, {d['trials']['failed']} failed]",
+             f"reason: {d['reason']}"]
+    c = d["candidate"]
+    if c is not None and (verdict.dense or c["trial_id"] != d["trial_id"]):
+        lines.append(f"closest trial: {c['trial_id']} (skip_ratio {_cell(c['skip_ratio'])}): {json.dumps(c['policy'])}")
+    lines.append(f"policy: {verdict_policy(verdict).to_json()}")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------ rows and tables
 def trial_row(t: TrialRecord, max_quality_drop: float | None = None) -> dict[str, Any]:
+    """One trial as a table row. ``feasible``: the drop's 95% upper end (the point value without
+    an interval) is within ``max_quality_drop``; ``faster``: the speed-up's 95% lower end (or the
+    point value) is above 1. A trial needs both to be recommended."""
     row: dict[str, Any] = {"id": t.id, "status": t.status}
     for k in POLICY_COLUMNS:
         row[k] = t.policy.get(k)
     for k in METRIC_COLUMNS:
         row[k] = getattr(t, k)
-    row["feasible"] = feasible(t.quality_drop, max_quality_drop) if t.status == "completed" else None
+    j = judge(t, max_quality_drop) if t.status == "completed" else None
+    row["feasible"] = j.within_drop if j else None
+    row["faster"] = j.faster if j else None
     row["duration_s"] = t.duration_s
     row["node"] = t.node
     row["optuna_number"] = t.optuna_number
     row["error"] = t.error.splitlines()[0] if t.error else None
+    row["stop_reason"] = t.stop_reason
     return row
 
 
@@ -165,9 +220,11 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], headers
 
 
 TABLE_COLUMNS = ("id", "status", "threshold", "warmup_tokens", "layer_start", "layer_end", "skip_budget",
-                 "dense_every", "quality", "quality_drop", "skip_ratio", "tokens_per_s", "speedup", "feasible")
+                 "dense_every", "n", "quality", "quality_drop", "quality_drop_high", "skip_ratio", "tokens_per_s",
+                 "speedup", "speedup_low", "feasible", "faster")
 SHORT_HEADERS = {"warmup_tokens": "warmup", "layer_start": "start", "layer_end": "end", "skip_budget": "budget",
-                 "dense_every": "dense_ev", "quality_drop": "drop", "tokens_per_s": "tok/s", "feasible": "ok"}
+                 "dense_every": "dense_ev", "quality_drop": "drop", "quality_drop_high": "drop_hi",
+                 "tokens_per_s": "tok/s", "speedup_low": "spd_lo", "feasible": "ok", "faster": ">1"}
 
 
 def trials_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -188,36 +245,37 @@ def policy_json(policy: SkipPolicy) -> str:
     return policy.to_json(indent=2)
 
 
-def choice_line(view: StudyView, choice: Choice, max_quality_drop: float | None, objective: str) -> str:
-    if choice.trial is None:
-        return f"best policy: dense ({choice.note})"
-    t = choice.trial
-    what = f"quality drop <= {max_quality_drop:g}" if max_quality_drop is not None else "unconstrained"
-    return (f"best policy ({what}, highest {objective}): trial {t.id}: {view.quality['metric']} {_cell(t.quality)} "
-            f"(drop {_cell(t.quality_drop)}), skip_ratio {_cell(t.skip_ratio)}, {_cell(t.tokens_per_s)} tokens/s")
+def verdict_lines(view: StudyView, verdict: Verdict) -> list[str]:
+    """The last lines of a study's report: the policy file, then the verdict and its reason."""
+    limit = ("any quality drop" if verdict.max_quality_drop is None
+             else f"quality drop <= {verdict.max_quality_drop:g} at the 95% upper end")
+    head = "dense (no skipping)" if verdict.dense else f"trial {verdict.trial.id}"
+    return [
+        f"recommended policy (--policy file): {verdict_policy(verdict).to_json()}",
+        f"verdict ({limit}, speed-up > 1 at the 95% lower end): {head}",
+        f"  {verdict.reason}",
+    ]
 
 
-def summary_text(view: StudyView, *, objective: str = "skip_ratio") -> str:
-    """The end-of-study report: baseline, Pareto table, best policy."""
+def summary_text(view: StudyView, *, objective: str = "speedup", run_line: str | None = None) -> str:
+    """The end-of-study report: baseline, Pareto table, trials per hour, the verdict (last)."""
     counts = view.counts()
     lines = [
-        f"study '{view.study.name}': {counts['completed']} completed, {counts['failed']} failed"
+        f"study '{view.study.name}': {counts['completed']} completed"
+        + (f", {counts['pruned']} stopped early" if counts.get("pruned") else "")
+        + f", {counts['failed']} failed"
         + (f", {counts['running']} running" if counts.get("running") else ""),
         baseline_line(view),
         "",
         f"Pareto front ({', '.join(f'{o} {d}' for o, d in zip(view.objectives, view.directions))}):",
     ]
     front = view.pareto()
-    rows = sort_rows([trial_row(t, view.max_quality_drop) for t in front], "skip_ratio")
+    rows = sort_rows([trial_row(t, view.max_quality_drop) for t in front], "speedup")
     lines.append(trials_table(rows) if rows else "(no completed trial)")
     lines.append("")
-    try:
-        choice = view.choose(objective=objective)
-    except NoFeasibleTrial as exc:
-        lines.append(f"best policy: none ({exc})")
-    else:
-        lines.append(choice_line(view, choice, view.max_quality_drop, objective))
-        lines.append(policy_json(choice.policy))
+    if run_line:
+        lines.append(run_line)
+    lines.extend(verdict_lines(view, view.recommend(objective=objective)))
     return "\n".join(lines)
 
 

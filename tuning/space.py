@@ -115,3 +115,50 @@ def policy_from_params(params: dict[str, Any], seed: int = 0) -> SkipPolicy:
     """The adaptive SkipPolicy of one trial (keys outside the searched fields are ignored)."""
     values = {k: params[k] for k in SPACE_KEYS if k in params}
     return SkipPolicy(mode="adaptive", seed=seed, **values)
+
+
+def _clamp(name: str, value: float, space: dict[str, Any]):
+    bounds = space[name]
+    if not isinstance(bounds, list):
+        return bounds
+    lo, hi = bounds
+    v = min(max(value, lo), hi)
+    return float(v) if name in FLOAT_KEYS else int(round(v))
+
+
+def paper_points(space: dict[str, Any], num_layers: int, max_new_tokens: int | None = None) -> list[dict[str, Any]]:
+    """The method's published settings (``method.md``, section 2), mapped to an ``L``-layer model
+    and ``max_new_tokens``, clamped into the resolved search space ``space``:
+
+    * the authors' code: threshold 0.95, 5 cold layers at each end, warm-up ``max_len // 64``,
+      every 6th token dense, a budget of 5 of 40 layers (the paper's second-smallest);
+    * the same band with the paper's smallest budget (2 of 40 layers) and a 5-10% warm-up;
+    * the paper's LLaMA-2-7B band ``[10, 29)`` of 32 layers, with the lower threshold its 25-35%
+      points imply (0.91), a 7.5% warm-up and a budget of 12 of 40 layers.
+
+    Only searched fields are set (a fixed field keeps its value); every point is a valid policy
+    for the band the search allows (``layer_end`` above ``layer_start``, the budget within the band).
+    """
+    L = num_layers
+    T = max_new_tokens or 24
+    raw = [
+        {"threshold": 0.95, "warmup_tokens": T // 64, "layer_start": 5, "layer_end": L - 5,
+         "skip_budget": 5 * L / 40, "dense_every": 6},
+        {"threshold": 0.95, "warmup_tokens": max(1, round(0.075 * T)), "layer_start": 5, "layer_end": L - 5,
+         "skip_budget": max(1, 2 * L / 40), "dense_every": 6},
+        {"threshold": 0.91, "warmup_tokens": max(1, round(0.075 * T)), "layer_start": 10 * L / 32,
+         "layer_end": 29 * L / 32, "skip_budget": 12 * L / 40, "dense_every": 6},
+    ]
+    out: list[dict[str, Any]] = []
+    for point in raw:
+        v = {name: _clamp(name, point[name], space) for name in SPACE_KEYS}
+        # The dependent fields as suggest() draws them: the end above the start, the budget within the band.
+        v["layer_end"] = max(v["layer_end"], v["layer_start"] + 1)
+        v["layer_end"] = _clamp("layer_end", v["layer_end"], space)
+        if v["layer_end"] <= v["layer_start"]:
+            continue  # the space allows no band containing this point's start
+        v["skip_budget"] = max(1, min(v["skip_budget"], v["layer_end"] - v["layer_start"]))
+        searched = {k: x for k, x in v.items() if isinstance(space[k], list)}
+        if searched and searched not in out:
+            out.append(searched)
+    return out

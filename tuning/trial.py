@@ -11,6 +11,7 @@ dies takes its cache with it; its replacement loads the model again.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import os
@@ -19,7 +20,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .store import utcnow
 
@@ -54,6 +55,12 @@ class EvalSpec:
     evaluator: str = "ffnskip.eval:evaluate"
     progress: bool = True
     threads: int = 1
+    score_nll: bool = True
+    """The teacher-forced ``nll_vs_dense`` (one more pass over every sample); off on the
+    intermediate rungs of successive halving, whose reports only rank the trial."""
+    measure_speed: bool = True
+    """The alternating dense / policy speed runs (a fixed ~14 decodes per evaluation); off on the
+    intermediate rungs: the speed-up is measured once, on the last rung, where it is judged."""
 
     @classmethod
     def from_config(cls, cfg, *, absolute_paths: bool = False) -> "EvalSpec":
@@ -75,12 +82,15 @@ class EvalSpec:
         )
 
     def evaluate_kwargs(self) -> dict[str, Any]:
-        return {
+        kwargs = {
             "limit": self.limit, "seed": self.seed, "data_file": self.data_file,
             "fields": dict(self.fields) if self.fields else None, "data_dir": self.data_dir,
             "chat": self.chat, "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size,
-            "measure_speed": True, "progress": self.progress, "model_name": self.model,
+            "measure_speed": self.measure_speed, "progress": self.progress, "model_name": self.model,
         }
+        if not self.score_nll:  # only when off: an evaluator without the argument keeps working otherwise
+            kwargs["score_nll"] = False
+        return kwargs
 
 
 def load_evaluator(path: str) -> Callable:
@@ -242,7 +252,7 @@ def run_trial(spec: EvalSpec, params: dict[str, Any], context: dict[str, Any]) -
     ``baseline_quality``, ``baseline_tokens_per_s`` and optionally ``dense_cache`` (the
     baseline's dense results, so a trial decodes only its own policy).
     """
-    from .objectives import QualitySpec, trial_values
+    from .objectives import QualitySpec, asha_score, trial_values
     from .space import policy_from_params
 
     started = utcnow()
@@ -252,8 +262,11 @@ def run_trial(spec: EvalSpec, params: dict[str, Any], context: dict[str, Any]) -
     values = trial_values(
         data, QualitySpec(**context["quality"]), context.get("baseline_quality"), context.get("baseline_tokens_per_s")
     )
+    if not spec.measure_speed:  # the evaluation passes' speeds (dense from the cache) are no speed-up
+        values.update(tokens_per_s=None, speedup=None, speedup_low=None, speedup_high=None)
     return {
         **values,
+        "asha_score": asha_score(values, context.get("max_quality_drop")),
         "policy": policy.to_dict(),
         "report": data,
         "samples": list(report.samples),
@@ -263,3 +276,26 @@ def run_trial(spec: EvalSpec, params: dict[str, Any], context: dict[str, Any]) -
         "started_at": started.isoformat(),
         "finished_at": utcnow().isoformat(),
     }
+
+
+def run_rungs(spec: EvalSpec, params: dict[str, Any], context: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """:func:`run_trial` on each rung of successive halving, smallest first: one result per rung,
+    with ``rung`` (what the scheduler reads: ASHA's milestone), ``rung_samples``, ``rungs`` and
+    ``final`` (the last rung: the study's own ``limit``, so a trial that is not stopped ends with
+    exactly the result it would have had without the scheduler).
+
+    ``context["rungs"]``: ``[(t, samples), ...]`` (:meth:`tuning.config.Scheduler.rungs`) or
+    ``None`` for one rung on all samples. The dense decodes of every rung come from the baseline's
+    cache; only the policy's are decoded again on the larger rung. The rungs before the last skip
+    what nothing ranks on there: the teacher-forced ``nll_vs_dense`` and the speed runs (the
+    speed-up is measured on the last rung, where the recommendation judges it), so a trial stopped
+    after its first rung costs a few decodes, not a full evaluation."""
+    rungs = context.get("rungs") or [(None, spec.limit)]
+    for i, (t, samples) in enumerate(rungs):
+        final = i == len(rungs) - 1
+        rung_spec = spec if final else dataclasses.replace(spec, limit=int(samples), score_nll=False,
+                                                           measure_speed=False)
+        out = run_trial(rung_spec, params, context)
+        out.update(rung=float(t if t is not None else (out.get("n") or 1)), rung_samples=out.get("n"), rung_index=i,
+                   rungs=len(rungs), final=final)
+        yield out

@@ -30,8 +30,12 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 #: JSON on SQLite, JSONB on PostgreSQL.
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 
-#: Values of ``ffnskip_trials.status``.
-TRIAL_STATUSES = ("running", "completed", "failed")
+#: Values of ``ffnskip_trials.status``. ``pruned``: stopped early by successive halving after a
+#: rung on part of the samples (its values are that rung's; ``stop_reason`` says why); never
+#: recommended.
+TRIAL_STATUSES = ("running", "completed", "failed", "pruned")
+#: The CHECK constraint on ``ffnskip_trials.status`` (migration 0002 added ``pruned``).
+STATUS_CHECK = "status IN ('running', 'completed', 'failed', 'pruned')"
 
 NAME_LENGTH = 255
 
@@ -72,7 +76,7 @@ class TrialModel(Base):
 
     __tablename__ = "ffnskip_trials"
     __table_args__ = (
-        CheckConstraint("status IN ('running', 'completed', 'failed')", name="ffnskip_trials_status"),
+        CheckConstraint(STATUS_CHECK, name="ffnskip_trials_status"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -89,6 +93,14 @@ class TrialModel(Base):
     skip_ratio_post_warmup: Mapped[float | None] = mapped_column(Float)
     tokens_per_s: Mapped[float | None] = mapped_column(Float)
     speedup: Mapped[float | None] = mapped_column(Float)
+    # 95% intervals (paired bootstrap against dense) and the samples they rest on; NULL for trials
+    # stored before migration 0002 and for reports without intervals.
+    quality_drop_low: Mapped[float | None] = mapped_column(Float)
+    quality_drop_high: Mapped[float | None] = mapped_column(Float)
+    speedup_low: Mapped[float | None] = mapped_column(Float)
+    speedup_high: Mapped[float | None] = mapped_column(Float)
+    n: Mapped[int | None] = mapped_column(Integer)
+    stop_reason: Mapped[str | None] = mapped_column(Text)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime | None] = mapped_column(DateTime)

@@ -47,8 +47,11 @@ VERSION_TABLE = "ffnskip_alembic_version"
 #: Key of the PostgreSQL advisory lock held while migrating.
 _MIGRATION_LOCK = 0x0FF5C1B
 
-#: Metric columns of ``ffnskip_trials`` (everything else is in its ``metrics`` JSON).
-METRIC_COLUMNS = ("quality", "quality_drop", "skip_ratio", "skip_ratio_post_warmup", "tokens_per_s", "speedup")
+#: Metric columns of ``ffnskip_trials`` (everything else is in its ``metrics`` JSON): the values,
+#: the 95% intervals of the quality drop and the speed-up, and ``n`` (samples compared).
+METRIC_COLUMNS = ("quality", "quality_drop", "skip_ratio", "skip_ratio_post_warmup", "tokens_per_s", "speedup",
+                  "quality_drop_low", "quality_drop_high", "speedup_low", "speedup_high", "n")
+_INT_COLUMNS = ("n",)
 #: Per-sample keys stored as ``ffnskip_samples`` columns (``index`` becomes ``idx``).
 SAMPLE_FIELDS = ("prompt", "reference", "dense_output", "output", "scores", "generated_tokens", "skipped_ffn", "skip_ratio")
 
@@ -134,6 +137,12 @@ class TrialRecord(_Record):
     started_at: datetime | None
     finished_at: datetime | None
     node: str | None
+    quality_drop_low: float | None = None
+    quality_drop_high: float | None = None
+    speedup_low: float | None = None
+    speedup_high: float | None = None
+    n: int | None = None
+    stop_reason: str | None = None
 
     @property
     def duration_s(self) -> float | None:
@@ -318,19 +327,48 @@ class Store:
                 delay = min(delay * 2, 2.0)
         raise AssertionError("unreachable")
 
-    def migrate(self) -> None:
-        """Create or upgrade the ffnskip tables to the newest revision (idempotent, concurrent-safe)."""
+    def migrate(self, revision: str = "head") -> None:
+        """Create or upgrade the ffnskip tables to ``revision`` (default: the newest; idempotent,
+        concurrent-safe)."""
         from alembic import command
+
+        self._alembic(lambda cfg: command.upgrade(cfg, revision))
+
+    def downgrade(self, revision: str) -> None:
+        """Downgrade the ffnskip tables to ``revision`` (``base``: none), e.g. to go back a release."""
+        from alembic import command
+
+        self._alembic(lambda cfg: command.downgrade(cfg, revision))
+
+    def _alembic(self, action: Callable[[Any], None]) -> None:
+        """Run an Alembic command in one transaction on a connection of this store."""
         from alembic.config import Config
 
         cfg = Config()
         cfg.set_main_option("script_location", "tuning.store:migrations")
         cfg.set_main_option("path_separator", "os")
-        with self.engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE serialises concurrent openers
-            if self.dialect == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+        sqlite = self.dialect == "sqlite"
+        with self.engine.connect() as conn:
+            # SQLite changes a CHECK constraint by copying the table (Alembic batch mode): with
+            # foreign keys on, dropping the old copy would cascade to every sample row. The pragma
+            # only takes effect outside a transaction, so it is set on the driver's connection
+            # (autocommit) before the migration's BEGIN IMMEDIATE, and restored after it.
+            driver = conn.connection.driver_connection if sqlite else None
+            if driver is not None:
+                driver.execute("PRAGMA foreign_keys=OFF")
+            try:
+                with conn.begin():  # SQLite: BEGIN IMMEDIATE serialises concurrent openers
+                    if self.dialect == "postgresql":
+                        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+                    cfg.attributes["connection"] = conn
+                    action(cfg)
+                    if driver is not None:
+                        broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                        if broken:
+                            raise StoreError(f"migrating {self.location} broke {len(broken)} foreign key(s); rolled back")
+            finally:
+                if driver is not None:
+                    driver.execute("PRAGMA foreign_keys=ON")
 
     def revision(self) -> str | None:
         """The schema revision recorded in ``ffnskip_alembic_version``."""
@@ -437,14 +475,14 @@ class Store:
                   samples: Sequence[Mapping[str, Any]] = (), error: str | None = None,
                   ray_trial_id: str | None = None, optuna_number: int | None = None,
                   node: str | None = None, started_at: datetime | None = None,
-                  finished_at: datetime | None = None) -> int:
+                  finished_at: datetime | None = None, stop_reason: str | None = None) -> int:
         """One trial row (and its samples) in one transaction; returns its id."""
         _check_status(status)
 
         def work(s: Session) -> int:
             m = TrialModel(study_id=study_id, status=status, policy=policy, ray_trial_id=ray_trial_id,
                            optuna_number=optuna_number, node=node, started_at=started_at,
-                           finished_at=finished_at, error=error, metrics=metrics)
+                           finished_at=finished_at, error=error, metrics=metrics, stop_reason=stop_reason)
             _set_values(m, values or {})
             s.add(m)
             s.flush()
@@ -471,6 +509,46 @@ class Store:
             m.finished_at = finished_at or utcnow()
             s.execute(delete(SampleModel).where(SampleModel.trial_id == trial_id))
             _add_samples(s, trial_id, samples)
+
+        self._run(work)
+
+    def update_trial(self, trial_id: int, *, values: Mapping[str, float | None], metrics: dict[str, Any] | None = None,
+                     node: str | None = None) -> None:
+        """A ``running`` trial's values so far (a successive-halving rung on part of the samples)."""
+
+        def work(s: Session) -> None:
+            m = _get_trial(s, trial_id)
+            _set_values(m, values)
+            if metrics is not None:
+                m.metrics = metrics
+            if node:
+                m.node = node
+
+        self._run(work)
+
+    def prune_trial(self, trial_id: int, reason: str, *, values: Mapping[str, float | None] | None = None,
+                    metrics: dict[str, Any] | None = None, samples: Sequence[Mapping[str, Any]] | None = None,
+                    node: str | None = None, started_at: datetime | None = None,
+                    finished_at: datetime | None = None) -> None:
+        """Mark a trial ``pruned`` (stopped early): the values and samples of its last rung, and why."""
+
+        def work(s: Session) -> None:
+            m = _get_trial(s, trial_id)
+            m.status = "pruned"
+            m.stop_reason = reason
+            m.error = None
+            if values is not None:
+                _set_values(m, values)
+            if metrics is not None:
+                m.metrics = metrics
+            if node:
+                m.node = node
+            if started_at:
+                m.started_at = started_at
+            m.finished_at = finished_at or utcnow()
+            if samples is not None:
+                s.execute(delete(SampleModel).where(SampleModel.trial_id == trial_id))
+                _add_samples(s, trial_id, samples)
 
         self._run(work)
 
@@ -561,7 +639,7 @@ def _set_values(m: TrialModel, values: Mapping[str, float | None]) -> None:
     if unknown:
         raise ValueError(f"unknown metric columns {sorted(unknown)}; known: {', '.join(METRIC_COLUMNS)}")
     for name, value in values.items():
-        setattr(m, name, None if value is None else float(value))
+        setattr(m, name, None if value is None else int(value) if name in _INT_COLUMNS else float(value))
 
 
 _TEXT_FIELDS = ("prompt", "dense_output", "output")
