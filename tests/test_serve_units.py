@@ -469,6 +469,7 @@ def test_cli_user_errors_exit_2_before_starting_ray(tmp_path, capsys):
         (["serve", "--study", "nope", "--db", f"sqlite:///{tmp_path / 'empty.db'}"], "--study"),
         (["serve", "--model", "no-such-model"], "no-such-model"),
         (["serve", "--max-queued-requests", "-1"], "--max-queued-requests"),
+        (["serve", "--host", "0.0.0.0"], "FFNSKIP_API_KEY"),  # reachable from elsewhere, no key: refused
     ]
     for argv, needle in cases:
         assert cli_main(argv) == 2, argv
@@ -477,6 +478,10 @@ def test_cli_user_errors_exit_2_before_starting_ray(tmp_path, capsys):
     with pytest.raises(SystemExit) as ei:
         cli_main(["serve", "--max-batch-size", "0"])
     assert ei.value.code == 2
+    from serve.cli import _loopback
+
+    assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("localhost") and _loopback("127.3.2.1")
+    assert not _loopback("0.0.0.0") and not _loopback("10.0.0.5") and not _loopback("myhost")
     import ray
 
     assert not ray.is_initialized()
