@@ -251,7 +251,9 @@ def run_study(cfg: TuningConfig, *, db: str | None = None, resume: bool = False,
                     num_samples=remaining, directions=directions(cfg.objectives, qspec),
                     # A resumed search must not replay the first run's random draws.
                     seed=cfg.seed + ray_runner.optuna_trial_count(url, name),
-                    start_points=None if existing is not None else start_points_for(cfg, bounds, num_layers, new_tokens),
+                    # At most one per trial to run: Optuna stores every enqueued point as a WAITING trial.
+                    start_points=None if existing is not None else start_points_for(cfg, bounds, num_layers,
+                                                                                    new_tokens)[:remaining],
                     total=cfg.trials, done_before=done, echo=echo, fmt=format_values,
                     storage_path=storage_path,
                 )
