@@ -43,8 +43,9 @@ class ServeArgs(BaseModel):
     (default: $FFNSKIP_DB or sqlite:///ffnskip.db)."""
     max_quality_drop: float | None = None
     """``study``: the quality constraint of the ``best`` rule (default: the study's own)."""
-    objective: str = "skip_ratio"
-    """``study``: what the ``best`` rule maximises among feasible trials (skip_ratio | tokens_per_s)."""
+    objective: str = "speedup"
+    """``study``: what the recommendation rule maximises among the trials that qualify
+    (speedup | skip_ratio | tokens_per_s)."""
     policy_id: str | None = None
     """Identifier reported as ``ffnskip.policy_id`` (default: derived from the source)."""
     allow_policy_override: bool = True

@@ -46,9 +46,9 @@ def _seed_store(url: str) -> dict:
         st = store.create_study("serve-study", model=MODEL, task="factoid_qa", search_space={},
                                 config={"objectives": ["quality", "skip_ratio"], "max_quality_drop": 0.05})
         ok = store.add_trial(st.id, "completed", {"threshold": 0.8, "warmup_tokens": 4, "skip_budget": 5},
-                             values={"quality": 0.9, "quality_drop": 0.01, "skip_ratio": 0.2, "tokens_per_s": 9.0})
+                             values={"quality": 0.9, "quality_drop": 0.01, "skip_ratio": 0.2, "tokens_per_s": 9.0, "speedup": 1.1})
         best = store.add_trial(st.id, "completed", {"threshold": 0.85, "warmup_tokens": 4, "skip_budget": 8},
-                               values={"quality": 0.89, "quality_drop": 0.02, "skip_ratio": 0.3, "tokens_per_s": 9.5})
+                               values={"quality": 0.89, "quality_drop": 0.02, "skip_ratio": 0.3, "tokens_per_s": 9.5, "speedup": 1.2})
         store.add_trial(st.id, "completed", {"threshold": 0.5, "warmup_tokens": 0, "skip_budget": 12},
                         values={"quality": 0.5, "quality_drop": 0.4, "skip_ratio": 0.6, "tokens_per_s": 12.0})
     return {"study": "serve-study", "trial": ok, "best": best}

@@ -343,7 +343,7 @@ def test_http_keys_override_switch_and_policy_swaps(tiny, tmp_path):
     with Store(db) as store:
         st = store.create_study("st", model="tiny", task="t", search_space={}, config={"max_quality_drop": 0.1})
         t1 = store.add_trial(st.id, "completed", {"threshold": 0.7, "skip_budget": 2},
-                             values={"quality_drop": 0.05, "skip_ratio": 0.1})
+                             values={"quality_drop": 0.05, "skip_ratio": 0.1, "speedup": 1.2})
         t2 = store.add_trial(st.id, "completed", {"threshold": 0.6, "skip_budget": 3},
                              values={"quality_drop": 0.5, "skip_ratio": 0.9})  # infeasible
         t3 = store.add_trial(st.id, "completed", {"threshold": 0.6, "skip_budget": 99},
@@ -421,8 +421,8 @@ def test_startup_policy_sources(tmp_path):
     db = f"sqlite:///{tmp_path / 's.db'}"
     with Store(db) as store:
         st = store.create_study("s", model="m", task="t", search_space={}, config={})
-        store.add_trial(st.id, "completed", {"threshold": 0.8}, values={"quality_drop": 0.0, "skip_ratio": 0.2})
-        best = store.add_trial(st.id, "completed", {"threshold": 0.7}, values={"quality_drop": 0.0, "skip_ratio": 0.3})
+        store.add_trial(st.id, "completed", {"threshold": 0.8}, values={"quality_drop": 0.0, "skip_ratio": 0.2, "speedup": 1.1})
+        best = store.add_trial(st.id, "completed", {"threshold": 0.7}, values={"quality_drop": 0.0, "skip_ratio": 0.3, "speedup": 1.3})
     e = policies.startup_entry(ServeArgs(study="s", db=db))
     assert e.policy_id == f"study:s/trial:{best}" and e.policy.threshold == 0.7
     with pytest.raises(policies.PolicySourceError):
