@@ -93,7 +93,7 @@ def test_one_table_of_verbs_without_entry_point_metadata(monkeypatch):
         raise AssertionError("the CLI must not read entry-point metadata")
 
     monkeypatch.setattr(importlib.metadata, "entry_points", no_entry_points)
-    assert [v.name for v in cli.VERBS] == ["generate", "profile", "bench", "evaluate", "tune", "results", "serve"]
+    assert [v.name for v in cli.VERBS] == ["generate", "profile", "bench", "evaluate", "tune", "results", "serve", "models"]
     parser = cli.build_parser()
     args = parser.parse_args(["evaluate", "--task", "perplexity", "--limit", "8"])
     assert args.func.__module__ == "ffnskip.eval.cli" and args.limit == 8
