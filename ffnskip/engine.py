@@ -426,10 +426,6 @@ class SkipController:
         replaced by its input (attention output discarded too), not only its FFN's."""
         return self._whole
 
-    def rows_skipping(self, layer: int) -> list[int]:
-        """Rows whose FFN (or whole layer, for the whole-layer baselines) is skipped at ``layer``."""
-        return list(self.row_split(layer).skipping)
-
     def row_split(self, layer: int) -> RowSplit:
         """The rows skipping ``layer`` and, when the batch is split there, the device indices of
         the rows that run and that skip it. Host work only: the indices of every split layer

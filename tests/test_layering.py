@@ -39,9 +39,7 @@ def test_import_ffnskip_works_without_ray_and_the_service_extras():
         "import ffnskip, ffnskip.cli, ffnskip.decode, ffnskip.engine, ffnskip.loading, ffnskip.saturation, ffnskip.bench\n"
         "print('ok', ffnskip.__version__)\n"
     )
-    p = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.startswith("ok")
+    _runs_ok(blocker)
 
 
 def test_import_ffnskip_cli_loads_neither_tuning_nor_serve_and_evaluate_is_the_function():
@@ -52,6 +50,11 @@ def test_import_ffnskip_cli_loads_neither_tuning_nor_serve_and_evaluate_is_the_f
         "assert inspect.isfunction(ffnskip.evaluate) and ffnskip.evaluate.__module__ == 'ffnskip.eval.harness'\n"
         "print('ok')\n"
     )
+    _runs_ok(code)
+
+
+def _runs_ok(code: str) -> None:
+    """Run ``code`` in a fresh interpreter; it must exit 0 and print ``ok``."""
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("ok")
