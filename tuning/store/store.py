@@ -72,6 +72,8 @@ class StudyNotFound(StoreError):
 
 #: The cluster-wide name of the same setting (docker-compose, KubeRay); either is honoured.
 ENV_DB_URL = "FFNSKIP_DB_URL"
+#: Seconds a write waits for a database that went away before the store gives up.
+ENV_OUTAGE = "FFNSKIP_DB_OUTAGE_S"
 
 
 def default_url() -> str:
@@ -209,6 +211,43 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OperationalError) and ("database is locked" in msg or "database is busy" in msg)
 
 
+#: SQLSTATEs of a lost or refused connection: class 08 (connection exception) and the server
+#: shutting down / starting up (57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now).
+_DISCONNECT_STATES = ("57P01", "57P02", "57P03")
+_DISCONNECT_TEXT = ("connection refused", "server closed the connection", "connection failed", "could not connect",
+                    "terminating connection", "the database system is", "connection is closed", "connection reset",
+                    "no connection to the server", "consuming input failed", "ssl connection has been closed")
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """The database went away (restarted, failed over, network cut): the same work may succeed
+    once it is back. SQLAlchemy's own disconnect detection, the PostgreSQL SQLSTATEs, and the
+    drivers' messages (a refused *new* connection is not flagged by SQLAlchemy)."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if not isinstance(exc, (OperationalError, DBAPIError)):
+        return False
+    orig = getattr(exc, "orig", None)
+    state = getattr(orig, "sqlstate", None) or ""
+    if state.startswith("08") or state in _DISCONNECT_STATES:
+        return True
+    msg = str(orig or exc).lower()
+    return isinstance(exc, OperationalError) and any(t in msg for t in _DISCONNECT_TEXT)
+
+
+@dataclass
+class RetryStats:
+    """What the store's retries survived (for logs, tests and the reliability drills)."""
+
+    retries: int = 0
+    """Attempts repeated after a transient error or a lost database."""
+    outages: int = 0
+    """Times the database was unreachable and came back."""
+    outage_s: float = 0.0
+    """Seconds spent waiting for the database, in total."""
+    longest_outage_s: float = 0.0
+
+
 def _make_engine(url: str) -> Engine:
     try:
         u = make_url(url)
@@ -262,9 +301,13 @@ class Store:
     """
 
     def __init__(self, url: str | None = None, *, migrate: bool = True, must_exist: bool = False,
-                 max_retries: int = 8):
+                 max_retries: int = 8, outage_s: float | None = None):
         self.url = url or default_url()
         self.max_retries = max_retries
+        #: How long a write waits for a database that went away (restart, fail-over) before it
+        #: gives up: ``outage_s``, else ``$FFNSKIP_DB_OUTAGE_S``, else 120 s.
+        self.outage_window_s = float(outage_s if outage_s is not None else os.environ.get(ENV_OUTAGE, 120.0))
+        self.retry_stats = RetryStats()
         u = make_url(self.url) if _valid(self.url) else None
         if must_exist and u is not None and u.get_backend_name() == "sqlite":
             p = _sqlite_path(u)
@@ -313,19 +356,19 @@ class Store:
             session.close()
 
     def _run(self, work: Callable[[Session], T]) -> T:
-        """``work`` in one transaction, retried from scratch on lock contention / conflicts."""
-        delay = 0.05
-        for attempt in range(self.max_retries):
-            try:
-                with self.session_scope() as session:
-                    return work(session)
-            except (OperationalError, DBAPIError) as exc:
-                if attempt == self.max_retries - 1 or not _is_transient(exc):
-                    raise
-                log.debug("store: transient error (%s), retry %d", _first_line(exc), attempt + 1)
-                time.sleep(delay * (1 + random.random()))
-                delay = min(delay * 2, 2.0)
-        raise AssertionError("unreachable")
+        """``work`` in one transaction, retried from scratch with exponential backoff: on lock
+        contention / conflicts (``max_retries`` times), and while the database is unreachable
+        (restarted, failed over: for up to ``outage_window_s``; the pool is emptied so that the
+        next attempt opens a fresh connection). Each wait for the database is logged."""
+        return retrying(self._attempt(work), self.max_retries, self.outage_window_s, self.retry_stats,
+                        on_disconnect=self.engine.dispose, what=f"store {self.location}")
+
+    def _attempt(self, work: Callable[[Session], T]) -> Callable[[], T]:
+        def once() -> T:
+            with self.session_scope() as session:
+                return work(session)
+
+        return once
 
     def migrate(self, revision: str = "head") -> None:
         """Create or upgrade the ffnskip tables to ``revision`` (default: the newest; idempotent,
@@ -613,6 +656,52 @@ class Store:
         return self._run(work)
 
 
+# ------------------------------------------------------------------------------ retries
+def retrying(fn: Callable[[], T], max_retries: int, outage_window_s: float, stats: RetryStats, *,
+             on_disconnect: Callable[[], None] | None = None, what: str = "store",
+             classify: Callable[[BaseException], BaseException | None] = lambda e: e) -> T:
+    """``fn()`` retried with exponential backoff and jitter (0.05 s doubling to at most 2 s):
+    up to ``max_retries`` times on lock contention / conflicts, and for up to ``outage_window_s``
+    seconds while the database is unreachable. ``classify`` maps an exception to the SQLAlchemy
+    error behind it (``None``: not a database error, raised at once)."""
+    delay, attempt, down_since = 0.05, 0, None
+    while True:
+        try:
+            out = fn()
+        except Exception as exc:
+            err = classify(exc)
+            if err is None:
+                raise
+            now = time.monotonic()
+            if is_disconnect(err):
+                if down_since is None:
+                    down_since = now
+                    log.warning("%s: the database is unreachable (%s): retrying for up to %.0f s", what,
+                                _first_line(err), outage_window_s)
+                if now - down_since >= outage_window_s:
+                    stats.outage_s += now - down_since
+                    log.error("%s: the database stayed unreachable for %.1f s: giving up", what, now - down_since)
+                    raise
+                if on_disconnect is not None:
+                    on_disconnect()  # stale pooled connections: the next attempt opens a new one
+            elif not _is_transient(err) or attempt >= max_retries - 1:
+                raise
+            attempt += 1
+            stats.retries += 1
+            wait = delay * (1 + random.random())
+            log.warning("%s: retry %d in %.2f s after %s", what, attempt, wait, _first_line(err))
+            time.sleep(wait)
+            delay = min(delay * 2, 2.0)
+            continue
+        if down_since is not None:
+            down = time.monotonic() - down_since
+            stats.outages += 1
+            stats.outage_s += down
+            stats.longest_outage_s = max(stats.longest_outage_s, down)
+            log.warning("%s: the database is back after %.1f s (%d retries)", what, down, attempt)
+        return out
+
+
 # ------------------------------------------------------------------------------ helpers
 def _valid(url: str) -> bool:
     try:
@@ -658,12 +747,80 @@ def _add_samples(s: Session, trial_id: int, samples: Sequence[Mapping[str, Any]]
                           **{k: _sample_value(k, sample.get(k)) for k in SAMPLE_FIELDS}))
 
 
-def optuna_storage(url: str):
-    """Optuna's RDBStorage on the same database (its own tables, its own ``alembic_version``)."""
+def _sqlalchemy_cause(exc: BaseException) -> BaseException | None:
+    """The SQLAlchemy database error behind ``exc`` (Optuna wraps them in StorageInternalError)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, (OperationalError, DBAPIError)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+#: Optuna storage methods retried while the database is unreachable (every public one).
+_OPTUNA_METHODS = ("create_new_study", "create_new_trial", "delete_study", "get_all_studies", "get_all_trials",
+                   "get_best_trial", "get_n_trials", "get_study_directions", "get_study_id_from_name",
+                   "get_study_name_from_id", "get_study_system_attrs", "get_study_user_attrs", "get_trial",
+                   "get_trial_id_from_study_id_trial_number", "get_trial_number_from_id", "get_trial_param",
+                   "get_trial_params", "get_trial_system_attrs", "get_trial_user_attrs", "set_study_system_attr",
+                   "set_study_user_attr", "set_trial_intermediate_value", "set_trial_param", "set_trial_state_values",
+                   "set_trial_system_attr", "set_trial_user_attr")
+_optuna_storage_class = None
+
+
+def _retrying_rdb_storage_class():
+    """``optuna.storages.RDBStorage`` whose calls survive a database restart like the store's
+    (same backoff, same outage window); built once, on first use (Optuna is imported lazily)."""
+    global _optuna_storage_class
+    if _optuna_storage_class is not None:
+        return _optuna_storage_class
     import optuna
 
+    def wrap(name: str):
+        method = getattr(optuna.storages.RDBStorage, name)
+
+        def call(self, *args, **kwargs):
+            return retrying(lambda: method(self, *args, **kwargs), 8, self.outage_window_s, self.retry_stats,
+                            on_disconnect=self._drop_connections, what="optuna storage", classify=_sqlalchemy_cause)
+
+        call.__name__ = call.__qualname__ = name
+        call.__doc__ = method.__doc__
+        return call
+
+    def __init__(self, url, *, outage_s: float | None = None, **kwargs):
+        self.outage_window_s = float(outage_s if outage_s is not None else os.environ.get(ENV_OUTAGE, 120.0))
+        self.retry_stats = RetryStats()
+        optuna.storages.RDBStorage.__init__(self, url, **kwargs)
+
+    def __setstate__(self, state):  # Tune pickles the search algorithm with its storage
+        optuna.storages.RDBStorage.__setstate__(self, state)
+        self.__dict__.setdefault("outage_window_s", float(os.environ.get(ENV_OUTAGE, 120.0)))
+        self.__dict__.setdefault("retry_stats", RetryStats())
+
+    def _drop_connections(self):
+        self.scoped_session.remove()
+        self.engine.dispose()
+
+    ns: dict[str, Any] = {name: wrap(name) for name in _OPTUNA_METHODS if hasattr(optuna.storages.RDBStorage, name)}
+    ns.update(__init__=__init__, __setstate__=__setstate__, _drop_connections=_drop_connections,
+              __module__=__name__, __qualname__="RetryingRDBStorage")
+    _optuna_storage_class = type("RetryingRDBStorage", (optuna.storages.RDBStorage,), ns)
+    globals()["RetryingRDBStorage"] = _optuna_storage_class  # picklable by name
+    return _optuna_storage_class
+
+
+def optuna_storage(url: str, *, outage_s: float | None = None):
+    """Optuna's RDBStorage on the same database (its own tables, its own ``alembic_version``),
+    retrying every call while the database is unreachable, as the store does."""
     u = make_url(url)
     kwargs: dict[str, Any] = (
         {"connect_args": {"timeout": 30}} if u.get_backend_name() == "sqlite" else {"pool_pre_ping": True}
     )
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    return _retrying_rdb_storage_class()(url, engine_kwargs=kwargs, outage_s=outage_s)
+
+
+def __getattr__(name: str):  # unpickling a RetryingRDBStorage in a fresh process builds the class
+    if name == "RetryingRDBStorage":
+        return _retrying_rdb_storage_class()
+    raise AttributeError(name)

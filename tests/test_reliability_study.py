@@ -1,0 +1,295 @@
+"""Reliability drills of a tuning study (issue 16): the driver killed with SIGKILL then resumed,
+and the database restarted under a running study. Each drill prints one ``RELIABILITY {json}``
+line (``pytest -s``) and appends it to ``$FFNSKIP_RELIABILITY_OUT`` (default
+``$TMPDIR/ffnskip-reliability.jsonl``): the README's Reliability table is filled from them.
+
+Every study runs as ``python -m tuning`` in a process session of its own, with an embedded Ray
+(``address="local"``, its own temp dir): the drill kills that session by id, never ``ray stop``
+(other Ray clusters on the machine are not touched), and asserts that no process the study
+started outlives it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_multinode import make_working_dir, session_pids  # noqa: E402
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the drills signal Linux process sessions")
+
+#: A trial's evaluation sleeps this long first, so that trials are seen running.
+SLOW_S = 2.0
+SLOW_EVAL = f"""\
+import time
+
+from ffnskip.eval import evaluate as ffnskip_evaluate
+
+
+def evaluate(model, tokenizer, policy, task, **kwargs):
+    if policy.mode != "dense":  # the trials, not the dense baseline
+        time.sleep({SLOW_S})
+    return ffnskip_evaluate(model, tokenizer, policy, task, **kwargs)
+"""
+
+
+def study_yaml(wd: Path, name: str, trials: int) -> Path:
+    text = f"""\
+study: {name}
+model: {wd / 'tiny-model'}
+task: factoid_qa
+data_file: {wd / 'questions.jsonl'}
+limit: 2
+max_new_tokens: 4
+seed: 0
+trials: {trials}
+concurrency: 2
+resources: {{cpu: 1, gpu: 0}}
+objectives: [quality, skip_ratio]
+max_quality_drop: null
+progress: false
+warm_start: false
+evaluator: slow_eval:evaluate
+"""
+    path = wd / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def report(drill: str, **figures) -> None:
+    """One drill's figures: printed (``pytest -s``) and appended to the JSON-lines file."""
+    line = json.dumps({"drill": drill, **figures}, sort_keys=True)
+    print(f"\nRELIABILITY {line}")
+    out = os.environ.get("FFNSKIP_RELIABILITY_OUT") or os.path.join(tempfile.gettempdir(),
+                                                                     "ffnskip-reliability.jsonl")
+    with open(out, "a") as f:
+        f.write(line + "\n")
+
+
+# ------------------------------------------------------------------------------ processes
+class Driver:
+    """``python -m tuning`` in a session of its own; remembers every process it started."""
+
+    def __init__(self, args: list[str], wd: Path, env: dict[str, str], log: Path):
+        self.log = log
+        self._out = open(log, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "tuning", *args], cwd=wd, env=env, stdout=self._out,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.sid = self.proc.pid
+        self.seen: set[tuple[int, float]] = set()
+        self.started = time.monotonic()
+
+    def track(self) -> None:
+        """Note the processes of its tree and of its session (Ray's raylet, GCS, workers ...)."""
+        procs = []
+        try:
+            procs = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+        for pid in session_pids(self.sid):
+            try:
+                procs.append(psutil.Process(pid))
+            except psutil.NoSuchProcess:
+                pass
+        for p in procs:
+            try:
+                self.seen.add((p.pid, p.create_time()))
+            except psutil.NoSuchProcess:
+                pass
+
+    def survivors(self) -> list[str]:
+        """Processes it started that are still alive (zombies count as gone)."""
+        left = []
+        for pid, created in self.seen:
+            try:
+                p = psutil.Process(pid)
+                if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
+                    left.append(f"{pid} {' '.join(p.cmdline())[:120]}")
+            except psutil.NoSuchProcess:
+                pass
+        left += [f"{pid} (session {self.sid})" for pid in session_pids(self.sid)
+                 if _alive(pid) and not any(s.startswith(f"{pid} ") for s in left)]
+        return left
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            self.track()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the study did not finish in {timeout:.0f} s:\n{self.tail()}")
+            time.sleep(0.3)
+        return self.proc.returncode
+
+    def kill_session(self) -> None:
+        """SIGKILL to its whole process session (the driver and everything it started)."""
+        self.track()
+        for pid in [self.sid, *session_pids(self.sid)]:
+            try:
+                os.killpg(pid, signal.SIGKILL) if pid == self.sid else os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.proc.wait(timeout=30)
+
+    def reap(self, timeout: float = 30.0) -> list[str]:
+        """Wait for what it started to exit; SIGKILL what is left after ``timeout``. Returns
+        the processes that were still alive at the deadline."""
+        deadline = time.monotonic() + timeout
+        left = self.survivors()
+        while left and time.monotonic() < deadline:
+            time.sleep(0.3)
+            left = self.survivors()
+        for pid, created in self.seen:
+            try:
+                p = psutil.Process(pid)
+                if p.create_time() == created:
+                    p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._out.close()
+        return left
+
+    def tail(self, n: int = 6000) -> str:
+        self._out.flush()
+        return self.log.read_text(errors="replace")[-n:]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture
+def drill_dir():
+    # Short: Ray's Unix socket paths live under its temp dir (at most 107 characters).
+    d = Path(tempfile.mkdtemp(prefix="ffrl-", dir="/tmp"))
+    (d / "wd").mkdir()
+    make_working_dir(d / "wd")
+    (d / "wd" / "slow_eval.py").write_text(SLOW_EVAL)
+    yield d
+    import shutil
+
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def driver_env(d: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    (d / "home").mkdir(exist_ok=True)
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=str(d / "ray"), HOME=str(d / "home"),
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", FFNSKIP_DENSE_CACHE="off",
+               PYTHONPATH=os.pathsep.join([str(d / "wd"), str(ROOT)]), PYTHONUNBUFFERED="1")
+    return env
+
+
+def query(url: str, sql: str, **params) -> list[tuple]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(sa.text(sql), params).all()]
+    finally:
+        engine.dispose()
+
+
+def trial_counts(url: str, study: str) -> dict[str, int]:
+    try:
+        rows = query(url, "SELECT t.status, count(*) FROM ffnskip_trials t JOIN ffnskip_studies s "
+                          "ON s.id = t.study_id WHERE s.name = :n GROUP BY t.status", n=study)
+    except sa.exc.OperationalError:  # the tables are not there yet
+        return {}
+    return dict(rows)
+
+
+def optuna_states(url: str, study: str) -> dict[str, int]:
+    rows = query(url, "SELECT t.state, count(*) FROM trials t JOIN studies s ON s.study_id = t.study_id "
+                      "WHERE s.study_name = :n GROUP BY t.state", n=study)
+    return {str(state).split(".")[-1]: n for state, n in rows}
+
+
+def duplicate_numbers(url: str, study: str) -> dict[str, int]:
+    """Trial numbers used twice: in our table (optuna_number) and in Optuna's."""
+    ours = query(url, "SELECT t.optuna_number FROM ffnskip_trials t JOIN ffnskip_studies s ON s.id = t.study_id "
+                      "WHERE s.name = :n AND t.optuna_number IS NOT NULL GROUP BY t.optuna_number "
+                      "HAVING count(*) > 1", n=study)
+    theirs = query(url, "SELECT t.number FROM trials t JOIN studies s ON s.study_id = t.study_id "
+                        "WHERE s.study_name = :n GROUP BY t.number HAVING count(*) > 1", n=study)
+    return {"ffnskip": len(ours), "optuna": len(theirs)}
+
+
+# ------------------------------------------------------------------------------ drill 1
+def test_sigkill_of_the_driver_then_resume_loses_and_duplicates_nothing(drill_dir):
+    wd, env = drill_dir / "wd", driver_env(drill_dir)
+    url = f"sqlite:///{drill_dir / 'study.db'}"
+    config = study_yaml(wd, "sigkill", trials=5)
+    args = ["--config", str(config), "--db", url]
+    drivers: list[Driver] = []
+    try:
+        first = Driver(args, wd, env, drill_dir / "first.log")
+        drivers.append(first)
+        deadline = time.monotonic() + 180
+        while True:  # at least one finished trial and another one running
+            first.track()
+            counts = trial_counts(url, "sigkill")
+            if counts.get("completed", 0) >= 1 and counts.get("running", 0) >= 1:
+                break
+            assert first.proc.poll() is None, f"the study ended before the kill:\n{first.tail()}"
+            assert time.monotonic() < deadline, f"no finished + running trial in 180 s: {counts}\n{first.tail()}"
+            time.sleep(0.1)
+        at_kill = trial_counts(url, "sigkill")
+        completed_before = {r[0] for r in query(
+            url, "SELECT t.id FROM ffnskip_trials t WHERE t.status = 'completed'")}
+        first.kill_session()
+        left = first.reap(timeout=20)
+        assert not left, f"processes outlived the SIGKILL of the driver's session: {left}"
+        assert optuna_states(url, "sigkill").get("RUNNING", 0) >= 1  # what the kill left behind
+
+        started = time.monotonic()
+        second = Driver([*args, "--resume"], wd, env, drill_dir / "second.log")
+        drivers.append(second)
+        rc = second.wait(timeout=240)
+        resume_s = time.monotonic() - started
+        out = second.tail()
+        assert rc == 0, f"--resume failed ({rc}):\n{out}"
+        left = second.reap(timeout=20)
+        assert not left, f"processes outlived the resumed study: {left}"
+    finally:
+        for d in drivers:
+            if d.proc.poll() is None:
+                d.kill_session()
+            d.reap(timeout=10)
+
+    counts = trial_counts(url, "sigkill")
+    states = optuna_states(url, "sigkill")
+    dups = duplicate_numbers(url, "sigkill")
+    assert counts.get("completed") == 5 and counts.get("running", 0) == 0, counts
+    assert states.get("COMPLETE") == 5 and states.get("RUNNING", 0) == 0 and states.get("WAITING", 0) == 0, states
+    assert dups == {"ffnskip": 0, "optuna": 0}
+    completed_after = {r[0] for r in query(url, "SELECT t.id FROM ffnskip_trials t WHERE t.status = 'completed'")}
+    assert completed_before <= completed_after  # no finished trial lost
+    interrupted = query(url, "SELECT error FROM ffnskip_trials WHERE status = 'failed'")
+    assert len(interrupted) == at_kill["running"] and all("interrupted" in e for (e,) in interrupted)
+    assert f"marked {at_kill['running']} interrupted trial(s)" in out
+    # Our rows and Optuna's agree on which trial is which.
+    ours = sorted(r[0] for r in query(url, "SELECT optuna_number FROM ffnskip_trials WHERE status = 'completed'"))
+    theirs = sorted(r[0] for r in query(url, "SELECT number FROM trials WHERE state = 'COMPLETE'"))
+    assert ours == theirs
+    report("driver SIGKILL + --resume", trials=5, completed_at_kill=at_kill.get("completed", 0),
+           running_at_kill=at_kill.get("running", 0), completed=counts["completed"],
+           lost=len(completed_before - completed_after), duplicated=dups["ffnskip"] + dups["optuna"],
+           running_after=counts.get("running", 0) + states.get("RUNNING", 0),
+           interrupted_marked_failed=len(interrupted), resume_s=round(resume_s, 1), processes_left=0)
