@@ -89,3 +89,70 @@ def postgresql_url(postgresql_server):
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# ---------------------------------------------------------------------------------------------
+# A PostgreSQL cluster of one test's own, that the test may stop and start again on the same
+# port (the reliability drills restart the database under a running study). Same binaries and
+# user as ``postgresql_server``; stopped and removed at the end whatever the test did.
+class RestartablePostgres:
+    def __init__(self, root: _PgPath, as_postgres: bool):
+        self.root, self.data, self.as_postgres = root, root / "data", as_postgres
+        self.port: int | None = None
+        self.url: str | None = None
+
+    def _ctl(self, *args: str) -> _pg_subprocess.CompletedProcess:
+        return _pg_run([str(_PG_BIN / "pg_ctl"), "-D", str(self.data), *args], self.as_postgres)
+
+    def start(self) -> None:
+        opts = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
+                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=100")
+        r = self._ctl("-l", str(self.root / "server.log"), "-o", opts, "-w", "-t", "60", "start")
+        if r.returncode != 0:
+            raise RuntimeError(f"pg_ctl start failed: {self.log_tail()}")
+
+    def stop(self, mode: str = "fast") -> None:
+        r = self._ctl("-m", mode, "-w", "-t", "60", "stop")
+        if r.returncode != 0:
+            raise RuntimeError(f"pg_ctl stop failed: {r.stderr.strip() or r.stdout.strip()}")
+
+    def running(self) -> bool:
+        return self._ctl("status").returncode == 0
+
+    def log_tail(self, n: int = 2000) -> str:
+        p = self.root / "server.log"
+        return p.read_text(errors="replace")[-n:] if p.exists() else ""
+
+
+@pytest.fixture
+def restartable_postgresql():
+    """A throwaway PostgreSQL 15 cluster (``.url``, ``.stop()``, ``.start()``) for one test."""
+    initdb = _PG_BIN / "initdb"
+    if not initdb.is_file():
+        pytest.fail(f"PostgreSQL 15 server binaries not found in {_PG_BIN}: install postgresql-15 or set "
+                    "FFNSKIP_PG_BIN", pytrace=False)
+    as_postgres = _pg_os.geteuid() == 0
+    root = _PgPath(_pg_tempfile.mkdtemp(prefix="ffnskip-pgr-"))
+    if as_postgres:
+        _pg_shutil.chown(root, "postgres", "postgres")
+    pg = RestartablePostgres(root, as_postgres)
+    try:
+        r = _pg_run([str(initdb), "-D", str(pg.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
+                    as_postgres)
+        if r.returncode != 0:
+            pytest.fail(f"initdb failed: {r.stderr.strip() or r.stdout.strip()}", pytrace=False)
+        for _ in range(5):  # a free port can be taken between the probe and the start
+            pg.port = _pg_free_port()
+            try:
+                pg.start()
+                break
+            except RuntimeError:
+                continue
+        else:
+            pytest.fail(f"pg_ctl start failed: {pg.log_tail()}", pytrace=False)
+        pg.url = f"postgresql+psycopg://postgres@127.0.0.1:{pg.port}/postgres"
+        yield pg
+    finally:
+        if pg.running():
+            pg._ctl("-m", "immediate", "-w", "stop")
+        _pg_shutil.rmtree(root, ignore_errors=True)

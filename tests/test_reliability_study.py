@@ -210,7 +210,7 @@ def trial_counts(url: str, study: str) -> dict[str, int]:
     try:
         rows = query(url, "SELECT t.status, count(*) FROM ffnskip_trials t JOIN ffnskip_studies s "
                           "ON s.id = t.study_id WHERE s.name = :n GROUP BY t.status", n=study)
-    except sa.exc.OperationalError:  # the tables are not there yet
+    except sa.exc.DBAPIError:  # the tables are not there yet (or the database is down)
         return {}
     return dict(rows)
 
@@ -293,3 +293,103 @@ def test_sigkill_of_the_driver_then_resume_loses_and_duplicates_nothing(drill_di
            lost=len(completed_before - completed_after), duplicated=dups["ffnskip"] + dups["optuna"],
            running_after=counts.get("running", 0) + states.get("RUNNING", 0),
            interrupted_marked_failed=len(interrupted), resume_s=round(resume_s, 1), processes_left=0)
+
+
+# ------------------------------------------------------------------------------ drill 3
+#: How long the database stays down under the running study.
+DOWN_S = 4.0
+
+
+def test_database_restart_mid_study_is_survived_and_loses_nothing(drill_dir, restartable_postgresql):
+    pg = restartable_postgresql
+    wd, env = drill_dir / "wd", driver_env(drill_dir)
+    config = study_yaml(wd, "pgrestart", trials=4)
+    driver = Driver(["--config", str(config), "--db", pg.url], wd, env, drill_dir / "pg.log")
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # mid-study: a finished trial, others to come
+            driver.track()
+            counts = trial_counts(pg.url, "pgrestart")
+            if counts.get("completed", 0) >= 1:
+                break
+            assert driver.proc.poll() is None, f"the study ended before the restart:\n{driver.tail()}"
+            assert time.monotonic() < deadline, f"no finished trial in 180 s: {counts}\n{driver.tail()}"
+            time.sleep(0.1)
+        at_stop = counts
+        pg.stop("fast")  # every connection of the study is cut
+        down_at = time.monotonic()
+        while time.monotonic() - down_at < DOWN_S:
+            driver.track()
+            time.sleep(0.2)
+        pg.start()  # same data, same port
+        downtime_s = time.monotonic() - down_at
+        rc = driver.wait(timeout=240)
+        out = driver.tail(200_000)
+        assert rc == 0, f"the study did not survive the database restart ({rc}):\n{out[-6000:]}"
+    finally:
+        if driver.proc.poll() is None:
+            driver.kill_session()
+        left = driver.reap(timeout=20)
+    assert not left, f"processes outlived the study: {left}"
+
+    counts = trial_counts(pg.url, "pgrestart")
+    states = optuna_states(pg.url, "pgrestart")
+    assert counts == {"completed": 4}, counts  # nothing lost, nothing failed, nothing left running
+    assert states == {"COMPLETE": 4}, states
+    assert duplicate_numbers(pg.url, "pgrestart") == {"ffnskip": 0, "optuna": 0}
+    samples = query(pg.url, "SELECT count(*) FROM ffnskip_samples")[0][0]
+    assert samples == 4 * 2  # every trial's per-sample rows (2 questions)
+    lines = out.splitlines()
+    retries = [ln for ln in lines if ": retry " in ln and " after " in ln]
+    store_retries = [ln for ln in retries if "store " in ln.split(": retry")[0]]
+    optuna_retries = [ln for ln in retries if "optuna storage" in ln]
+    back = [ln for ln in lines if "the database is back after" in ln]
+    assert retries and back, f"no write met the outage (it should have):\n{out[-6000:]}"
+    assert "Traceback" not in out, out[-6000:]
+    waited = max(float(ln.split("back after ")[1].split(" s")[0]) for ln in back)
+    report("PostgreSQL restart mid-study", trials=4, completed_at_stop=at_stop.get("completed", 0),
+           downtime_s=round(downtime_s, 1), longest_wait_s=waited, retries=len(retries),
+           store_retries=len(store_retries), optuna_retries=len(optuna_retries), outages_survived=len(back),
+           completed=counts.get("completed", 0), lost=0, crashed=False)
+
+
+def test_store_writes_wait_for_a_restarted_database_with_backoff(restartable_postgresql, caplog):
+    """The store's own session scope: a write issued while PostgreSQL is down is retried with
+    exponential backoff until it is back, logged, and lands once; past the outage window it
+    fails with the database's error instead of hanging."""
+    import threading
+
+    from tuning.store import Store
+
+    pg = restartable_postgresql
+    with Store(pg.url, outage_s=30) as store:
+        sid = store.create_study("st", model="m", task="t", search_space={}, config={}).id
+        store.get_study("st")  # a pooled connection, which the stop below cuts
+        pg.stop("fast")
+        down_at = time.monotonic()
+        restart = threading.Timer(DOWN_S / 2, pg.start)
+        restart.start()
+        try:
+            with caplog.at_level("WARNING", logger="tuning.store.store"):
+                tid = store.start_trial(sid, {"threshold": 0.5})
+                store.complete_trial(tid, values={"quality": 1.0}, metrics={})
+        finally:
+            restart.join()
+        waited = time.monotonic() - down_at
+        stats = store.retry_stats
+        assert [t.status for t in store.trials(sid)] == ["completed"]  # once, not twice
+        assert stats.outages == 1 and stats.retries >= 2 and stats.longest_outage_s >= DOWN_S / 2 - 0.5
+        assert any("the database is unreachable" in r.message for r in caplog.records)
+        assert any("the database is back after" in r.message for r in caplog.records)
+        # Bounded: with the database gone for longer than the window, the write fails.
+        store.outage_window_s = 1.0
+        pg.stop("fast")
+        started = time.monotonic()
+        with pytest.raises(sa.exc.OperationalError):
+            store.start_trial(sid, {"threshold": 0.6})
+        gave_up_s = time.monotonic() - started
+        assert 1.0 <= gave_up_s < 10
+        pg.start()
+        assert len(store.trials(sid)) == 1
+    report("PostgreSQL restart under a store write", downtime_s=round(DOWN_S / 2, 1), waited_s=round(waited, 1),
+           retries=stats.retries, written_once=True, window_s=1.0, gave_up_after_s=round(gave_up_s, 1))
