@@ -3,7 +3,12 @@
     python benchmarks/load.py --url http://127.0.0.1:8000 --concurrency 8 --duration 30
 
 Each client sends streaming requests back to back (chat by default, ``--endpoint completions``
-for raw prompts) until the duration is over, then finishes the request it has in flight. Printed
+for raw prompts) until the duration is over (or, with ``--requests N``, until N requests have
+been sent in all), then finishes the request it has in flight. ``--warmup N`` first sends N
+requests that are not counted; ``--ignore-eos`` asks for exactly ``max_tokens`` tokens (vLLM's
+and our extension) and ``--usage`` for ``stream_options.include_usage`` (the token count then
+comes from the server's usage chunk). ``benchmarks/load_vs_vllm.py`` runs this against our
+server and vLLM's, side by side. Printed
 (or ``--json``): requests, errors, completion tokens per second over the run, time to first token
 p50/p99, inter-token latency p50/p99 and the mean ``ffnskip.skip_ratio`` of the responses. An
 error is a non-200 status, an ``error`` event in the stream, a stream that does not end with
@@ -64,6 +69,10 @@ def percentile(xs: list[float], q: float) -> float | None:
 async def one_request(client: httpx.AsyncClient, args, i: int, tally: Tally) -> None:
     prompt = PROMPTS[i % len(PROMPTS)]
     body: dict = {"max_tokens": args.max_tokens, "temperature": args.temperature, "stream": True}
+    if args.ignore_eos:
+        body["ignore_eos"] = True
+    if args.usage:
+        body["stream_options"] = {"include_usage": True}
     if args.model:
         body["model"] = args.model
     if args.endpoint == "chat":
@@ -118,9 +127,17 @@ async def one_request(client: httpx.AsyncClient, args, i: int, tally: Tally) -> 
     tally.tokens += usage_tokens if usage_tokens is not None else tokens_seen
 
 
-async def client_loop(client, args, cid: int, stop_at: float, tally: Tally) -> None:
+async def client_loop(client, args, cid: int, stop_at: float, tally: Tally, budget: list[int] | None = None) -> None:
+    """Requests back to back until ``stop_at``, or while ``budget[0]`` (requests left to send,
+    shared by the clients) is positive."""
     i = cid
-    while time.perf_counter() < stop_at:
+    while True:
+        if budget is not None:
+            if budget[0] <= 0:
+                return
+            budget[0] -= 1
+        elif time.perf_counter() >= stop_at:
+            return
         await one_request(client, args, i, tally)
         i += args.concurrency
 
@@ -138,15 +155,23 @@ async def run(args) -> dict:
                 args.model = r.json()["data"][0]["id"]
             except Exception as exc:  # noqa: BLE001 - the server may not list models
                 print(f"load: GET /v1/models failed ({exc}); sending no model name", file=sys.stderr)
+        if args.warmup:
+            warm = Tally()
+            left = [args.warmup]
+            await asyncio.gather(*(client_loop(client, args, c, 0.0, warm, left) for c in range(args.concurrency)))
+            if warm.errors:
+                print(f"load: {warm.errors} of {warm.requests} warm-up requests failed: {warm.error_samples[:1]}",
+                      file=sys.stderr)
         tally = Tally()
+        budget = [args.requests] if args.requests else None
         start = time.perf_counter()
         stop_at = start + args.duration
-        await asyncio.gather(*(client_loop(client, args, c, stop_at, tally) for c in range(args.concurrency)))
+        await asyncio.gather(*(client_loop(client, args, c, stop_at, tally, budget) for c in range(args.concurrency)))
         elapsed = time.perf_counter() - start
     ms = lambda v: None if v is None else round(v * 1000, 1)  # noqa: E731
     return {
         "url": args.url, "endpoint": args.endpoint, "model": args.model, "concurrency": args.concurrency,
-        "duration_s": round(elapsed, 2), "requests": tally.requests, "errors": tally.errors,
+        "max_tokens": args.max_tokens, "duration_s": round(elapsed, 2), "requests": tally.requests, "errors": tally.errors,
         "completion_tokens": tally.tokens,
         "throughput_tokens_per_s": round(tally.tokens / elapsed, 2) if elapsed > 0 else 0.0,
         "requests_per_s": round((tally.requests - tally.errors) / elapsed, 3) if elapsed > 0 else 0.0,
@@ -157,7 +182,7 @@ async def run(args) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="N concurrent streaming clients for T seconds against an OpenAI-compatible URL")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default http://127.0.0.1:8000)")
     p.add_argument("-n", "--concurrency", type=int, default=8, help="concurrent clients (default 8)")
@@ -170,12 +195,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=300.0, help="per-request read timeout in seconds (default 300)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--fail-on-error", action="store_true", help="exit 1 when any request failed")
+    p.add_argument("--requests", type=int, default=None,
+                   help="send this many requests in all instead of sending for --duration")
+    p.add_argument("--warmup", type=int, default=0, help="requests sent first and not counted (default 0)")
+    p.add_argument("--ignore-eos", action="store_true", help="ask for exactly max_tokens tokens (ignore_eos)")
+    p.add_argument("--usage", action="store_true", help="ask for the usage chunk (stream_options.include_usage)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     for flag, v in (("--concurrency", args.concurrency), ("--max-tokens", args.max_tokens)):
         if v <= 0:
             p.error(f"{flag} must be positive; got {v}")
     if args.duration <= 0:
         p.error(f"--duration must be positive; got {args.duration}")
+    if args.requests is not None and args.requests <= 0:
+        p.error(f"--requests must be positive; got {args.requests}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be 0 or more; got {args.warmup}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     out = asyncio.run(run(args))
     if args.json:
         print(json.dumps(out))
