@@ -249,94 +249,7 @@ def render(results: dict, args, command: str) -> str:
     w("")
 
     for name, res in results.get("models", {}).items():
-        w(f"## {name}\n")
-        if res.get("error"):
-            w(f"**Not measured:** {res['error']}\n")
-            continue
-        prof = res.get("profile")
-        w(f"{res.get('layers', '?')} layers; chat template used for factoid-QA: {res.get('chat')}; "
-          f"factoid questions: {res.get('limit')}; data sha256 `{res.get('fingerprint', '-')[:16]}`.\n")
-        if prof:
-            w(f"### Saturation profile\n\n![saturation {name}](reproduction/saturation-{name}.png)\n")
-            s = prof["suggested"]
-            w(f"Mean cos(h, h + FFN) per layer over {prof['tokens']} WikiText-2 tokens; suggested band "
-              f"[{s['layer_start']}, {s['layer_end']}), suggested threshold {s['threshold']}.\n")
-            w("| layer | " + " | ".join(str(lp["layer"]) for lp in prof["layers"]) + " |")
-            w("| --- " * (len(prof["layers"]) + 1) + "|")
-            w("| mean cos | " + " | ".join(f"{lp['mean_cos']:.3f}" for lp in prof["layers"]) + " |")
-            w("| block influence | " + " | ".join(f"{lp['block_influence']:.3f}" for lp in prof["layers"]) + " |")
-            w("")
-        cal = res.get("calibration") or []
-        if cal:
-            w("### Calibration (FreebaseQA dev)\n")
-            w("| target | adaptive threshold | adaptive budget k | est. ratio | trigger rate | random/static k | est. ratio |")
-            w("| --- | --- | --- | --- | --- | --- | --- |")
-            for c in cal:
-                w(f"| {pct(c['target'], 0)}% | {c['threshold']} | {c['adaptive_budget']} | {pct(c['adaptive_est_ratio'])}% | "
-                  f"{pct(c['adaptive_trigger_rate'], 0)}% | {c['baseline_budget']} | {pct(c['baseline_est_ratio'])}% |")
-            w("")
-        t3 = res.get("table3") or {}
-        if t3:
-            dense = t3.get("dense")
-            w(f"### Table 3 analogue: FreebaseQA eval, {res.get('limit')} questions\n")
-            if dense:
-                w(f"Dense: accuracy **{pct(dense['dense']['accuracy'], 2)}%**, exact match "
-                  f"{pct(dense['dense']['exact_match'], 2)}%, repetition {num(dense['dense']['repetition'])}, "
-                  f"collapsed {dense['dense']['collapsed']} of {dense['n']}, {dense['dense']['generated_tokens']} generated "
-                  f"tokens (first divergence of an identical output = its length, {num(dense['skip']['first_divergence'], 1)} "
-                  f"tokens on average).\n")
-            w("| target | method | skip ratio % | accuracy % | answer agreement % | ROUGE-L vs dense | first divergence | repetition | collapsed |")
-            w("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-            for c in cal:
-                tk = f"{c['target']:.2f}"
-                for method in ("random", "static", "adaptive"):
-                    rep = t3.get(f"{method}@{tk}")
-                    if not rep:
-                        continue
-                    sk = rep["skip"]
-                    w(f"| ~{pct(c['target'], 0)}% | {method} | {pct(sk['skip_ratio'])} | {pct(sk['accuracy'], 2)} | "
-                      f"{pct(sk['answer_agreement'])} | {num(sk['rouge_l_vs_dense'])} | {num(sk['first_divergence'], 1)} | "
-                      f"{num(sk['repetition'])} | {sk['collapsed']} |")
-            for extra in ("shortgpt", "skipdecode"):
-                rep = t3.get(extra)
-                if rep and not rep.get("error"):
-                    sk = rep["skip"]
-                    w(f"| ~25% | {extra} (whole layers) | {pct(sk['skip_ratio'])} | {pct(sk['accuracy'], 2)} | "
-                      f"{pct(sk['answer_agreement'])} | {num(sk['rouge_l_vs_dense'])} | {num(sk['first_divergence'], 1)} | "
-                      f"{num(sk['repetition'])} | {sk['collapsed']} |")
-            w("")
-            for extra in ("shortgpt", "skipdecode"):
-                rep = t3.get(extra)
-                if rep and rep.get("error"):
-                    w(f"- {extra}: not measured ({rep['error']}).")
-                elif rep:
-                    w(f"- {extra} policy: `{json.dumps(rep['policy'])}`.")
-            w("")
-            w(_beside(t3, cal, name))
-            w(_observations(t3, cal))
-        wa = res.get("warmup") or {}
-        if wa:
-            w(f"### Warm-up ablation (summarization, {args.warmup_limit} stories)\n")
-            d0 = next(iter(wa.values()))
-            w(f"Dense: ROUGE-L vs highlights {num(d0['dense'].get('rouge_l'))}, repetition "
-              f"{num(d0['dense']['repetition'])}, collapsed {d0['dense']['collapsed']}.\n")
-            w("| warm-up tokens | skip ratio % | ROUGE-L vs highlights | ROUGE-L vs dense | agreement % | first divergence | repetition | collapsed |")
-            w("| --- | --- | --- | --- | --- | --- | --- | --- |")
-            for wu, rep in sorted(wa.items(), key=lambda kv: int(kv[0])):
-                sk = rep["skip"]
-                w(f"| {wu} | {pct(sk['skip_ratio'])} | {num(sk.get('rouge_l'))} | {num(sk['rouge_l_vs_dense'])} | "
-                  f"{pct(sk['answer_agreement'])} | {num(sk['first_divergence'], 1)} | {num(sk['repetition'])} | {sk['collapsed']} |")
-            w("")
-        sp = res.get("speed")
-        if sp:
-            w("### Decode speed\n")
-            s = sp["speed"]
-            w(f"Dense {num(s.get('dense_tokens_per_s'), 2)} tok/s, adaptive ~25% policy "
-              f"{num(s.get('skip_tokens_per_s'), 2)} tok/s: **{num(sp.get('speedup'), 3)}x** "
-              f"({s.get('items')} prompts x {s.get('rounds')} rounds, {s.get('tokens_per_run')} tokens per run, "
-              f"{s.get('timing')}). Skip ratio of the policy during the speed runs: {pct(s.get('skip_ratio'))}%. "
-              f"FFN share of the per-token matmul weights: {num(res.get('ffn_share'))}, so the ideal speedup at "
-              f"that ratio is {num(_ideal(s.get('skip_ratio'), res.get('ffn_share')), 3)}x.\n")
+        L.extend(render_model(name, res, args))
     w("## Caveats\n")
     w("- A 135M / 270M model knows few FreebaseQA answers, so accuracy differences of a few questions are "
       "noise; answer agreement with dense and repetition separate the methods more clearly on these models.")
@@ -347,6 +260,133 @@ def render(results: dict, args, command: str) -> str:
     w("- CPU timings on a shared 2-core machine are noisy; the speed ratio is measured alternating in one "
       "process to cancel most of the drift.")
     return "\n".join(L) + "\n"
+
+
+def render_model(name: str, res: dict, args, command: str | None = None) -> list[str]:
+    """One model's section of the report (``## name``); with ``command``, the command that measured it."""
+    L: list[str] = []
+    w = L.append
+    w(f"## {name}\n")
+    if command:
+        w(f"Measured by:\n\n```\n{command}\n```\n")
+    if res.get("error"):
+        w(f"**Not measured:** {res['error']}\n")
+        return L
+    prof = res.get("profile")
+    w(f"{res.get('layers', '?')} layers; chat template used for factoid-QA: {res.get('chat')}; "
+      f"factoid questions: {res.get('limit')}; data sha256 `{res.get('fingerprint', '-')[:16]}`.\n")
+    if prof:
+        w(f"### Saturation profile\n\n![saturation {name}](reproduction/saturation-{name}.png)\n")
+        s = prof["suggested"]
+        w(f"Mean cos(h, h + FFN) per layer over {prof['tokens']} WikiText-2 tokens; suggested band "
+          f"[{s['layer_start']}, {s['layer_end']}), suggested threshold {s['threshold']}.\n")
+        w("| layer | " + " | ".join(str(lp["layer"]) for lp in prof["layers"]) + " |")
+        w("| --- " * (len(prof["layers"]) + 1) + "|")
+        w("| mean cos | " + " | ".join(f"{lp['mean_cos']:.3f}" for lp in prof["layers"]) + " |")
+        w("| block influence | " + " | ".join(f"{lp['block_influence']:.3f}" for lp in prof["layers"]) + " |")
+        w("")
+    cal = res.get("calibration") or []
+    if cal:
+        w("### Calibration (FreebaseQA dev)\n")
+        w("| target | adaptive threshold | adaptive budget k | est. ratio | trigger rate | random/static k | est. ratio |")
+        w("| --- | --- | --- | --- | --- | --- | --- |")
+        for c in cal:
+            w(f"| {pct(c['target'], 0)}% | {c['threshold']} | {c['adaptive_budget']} | {pct(c['adaptive_est_ratio'])}% | "
+              f"{pct(c['adaptive_trigger_rate'], 0)}% | {c['baseline_budget']} | {pct(c['baseline_est_ratio'])}% |")
+        w("")
+    t3 = res.get("table3") or {}
+    if t3:
+        dense = t3.get("dense")
+        w(f"### Table 3 analogue: FreebaseQA eval, {res.get('limit')} questions\n")
+        if dense:
+            w(f"Dense: accuracy **{pct(dense['dense']['accuracy'], 2)}%**, exact match "
+              f"{pct(dense['dense']['exact_match'], 2)}%, repetition {num(dense['dense']['repetition'])}, "
+              f"collapsed {dense['dense']['collapsed']} of {dense['n']}, {dense['dense']['generated_tokens']} generated "
+              f"tokens (first divergence of an identical output = its length, {num(dense['skip']['first_divergence'], 1)} "
+              f"tokens on average).\n")
+        w("| target | method | skip ratio % | accuracy % | answer agreement % | ROUGE-L vs dense | first divergence | repetition | collapsed |")
+        w("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for c in cal:
+            tk = f"{c['target']:.2f}"
+            for method in ("random", "static", "adaptive"):
+                rep = t3.get(f"{method}@{tk}")
+                if not rep:
+                    continue
+                sk = rep["skip"]
+                w(f"| ~{pct(c['target'], 0)}% | {method} | {pct(sk['skip_ratio'])} | {pct(sk['accuracy'], 2)} | "
+                  f"{pct(sk['answer_agreement'])} | {num(sk['rouge_l_vs_dense'])} | {num(sk['first_divergence'], 1)} | "
+                  f"{num(sk['repetition'])} | {sk['collapsed']} |")
+        for extra in ("shortgpt", "skipdecode"):
+            rep = t3.get(extra)
+            if rep and not rep.get("error"):
+                sk = rep["skip"]
+                w(f"| ~25% | {extra} (whole layers) | {pct(sk['skip_ratio'])} | {pct(sk['accuracy'], 2)} | "
+                  f"{pct(sk['answer_agreement'])} | {num(sk['rouge_l_vs_dense'])} | {num(sk['first_divergence'], 1)} | "
+                  f"{num(sk['repetition'])} | {sk['collapsed']} |")
+        w("")
+        for extra in ("shortgpt", "skipdecode"):
+            rep = t3.get(extra)
+            if rep and rep.get("error"):
+                w(f"- {extra}: not measured ({rep['error']}).")
+            elif rep:
+                w(f"- {extra} policy: `{json.dumps(rep['policy'])}`.")
+        w("")
+        w(_intervals(t3, cal))
+        w(_beside(t3, cal, name))
+        w(_observations(t3, cal))
+    wa = res.get("warmup") or {}
+    if wa:
+        w(f"### Warm-up ablation (summarization, {args.warmup_limit} stories)\n")
+        d0 = next(iter(wa.values()))
+        w(f"Dense: ROUGE-L vs highlights {num(d0['dense'].get('rouge_l'))}, repetition "
+          f"{num(d0['dense']['repetition'])}, collapsed {d0['dense']['collapsed']}.\n")
+        w("| warm-up tokens | skip ratio % | ROUGE-L vs highlights | ROUGE-L vs dense | agreement % | first divergence | repetition | collapsed |")
+        w("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for wu, rep in sorted(wa.items(), key=lambda kv: int(kv[0])):
+            sk = rep["skip"]
+            w(f"| {wu} | {pct(sk['skip_ratio'])} | {num(sk.get('rouge_l'))} | {num(sk['rouge_l_vs_dense'])} | "
+              f"{pct(sk['answer_agreement'])} | {num(sk['first_divergence'], 1)} | {num(sk['repetition'])} | {sk['collapsed']} |")
+        w("")
+    sp = res.get("speed")
+    if sp:
+        w("### Decode speed\n")
+        s = sp["speed"]
+        w(f"Dense {num(s.get('dense_tokens_per_s'), 2)} tok/s, adaptive ~25% policy "
+          f"{num(s.get('skip_tokens_per_s'), 2)} tok/s: **{num(sp.get('speedup'), 3)}x** "
+          f"({s.get('items')} prompts x {s.get('rounds')} rounds, {s.get('tokens_per_run')} tokens per run, "
+          f"{s.get('timing')}). Skip ratio of the policy during the speed runs: {pct(s.get('skip_ratio'))}%. "
+          f"FFN share of the per-token matmul weights: {num(res.get('ffn_share'))}, so the ideal speedup at "
+          f"that ratio is {num(_ideal(s.get('skip_ratio'), res.get('ffn_share')), 3)}x.\n")
+    return L
+
+
+def _ci_cell(rep: dict, metric: str, offset: float = 0.0) -> str:
+    """``value [low, high]`` in points (%) of the paired policy-minus-dense difference of ``metric``
+    (plus ``offset``: 1.0 turns an agreement-with-dense difference into the agreement itself)."""
+    iv = (rep.get("vs_dense") or {}).get(metric)
+    if not iv or iv.get("value") is None:
+        return "-"
+    f = lambda v: f"{100 * (v + offset):+.1f}" if not offset else f"{100 * (v + offset):.1f}"  # noqa: E731
+    return f"{f(iv['value'])} [{f(iv['low'])}, {f(iv['high'])}]"
+
+
+def _intervals(t3: dict, cal: list[dict]) -> str:
+    """Every policy paired with dense on the same questions: the differences with their 95%
+    paired bootstrap intervals (``ffnskip.eval.stats.vs_dense``)."""
+    rows = [(f"~{pct(c['target'], 0)}%", m, t3.get(f"{m}@{c['target']:.2f}"))
+            for c in cal for m in ("random", "static", "adaptive")]
+    rows += [("~25%", f"{x} (whole layers)", t3.get(x)) for x in ("shortgpt", "skipdecode")]
+    rows = [r for r in rows if r[2] and not r[2].get("error") and r[2].get("vs_dense")]
+    if not rows:
+        return ""
+    out = ["Paired with dense on the same questions, 95% paired bootstrap intervals (points):\n",
+           "| target | method | n | accuracy − dense | short answers agree with dense % | output identical to dense % |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for tk, m, rep in rows:
+        n = (rep.get("vs_dense", {}).get("accuracy") or {}).get("n", rep.get("n"))
+        out.append(f"| {tk} | {m} | {n} | {_ci_cell(rep, 'accuracy')} | {_ci_cell(rep, 'answer_agreement_short', 1.0)} | "
+                   f"{_ci_cell(rep, 'output_identity', 1.0)} |")
+    return "\n".join(out) + "\n"
 
 
 def _beside(t3: dict, cal: list[dict], name: str) -> str:
@@ -414,12 +454,17 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup-limit", type=int, default=9, help="summarization stories in the warm-up ablation")
     ap.add_argument("--warmup-max-new-tokens", type=int, default=128)
     ap.add_argument("--skip-warmup-models", nargs="*", default=[], help="models without the warm-up ablation")
+    ap.add_argument("--skip-whole-layer-models", nargs="*", default=[],
+                    help="models without the whole-layer baselines (ShortGPT, SkipDecode)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=str(REPO / "docs" / "reproduction.md"))
     ap.add_argument("--work-dir", default=str(Path(os.environ.get("FFNSKIP_CACHE_DIR", Path.home() / ".cache" / "ffnskip"))
                                               / "reproduce"))
     ap.add_argument("--render", action="store_true", help="only rewrite the report from saved results")
+    ap.add_argument("--merge", action="store_true",
+                    help="put only these models' sections (with this command) into the existing --out report, "
+                         "replacing a section of the same name; the rest of the report is kept")
     args = ap.parse_args(argv)
 
     import torch
@@ -446,10 +491,42 @@ def main(argv=None) -> int:
                 results["models"][name] = {"error": f"{type(exc).__name__}: {exc}"}
             results["finished"] = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
             results_path.write_text(json.dumps(results))
-            out.write_text(render(results, args, command))  # a partial report after every model
-    out.write_text(render(results, args, command))
+            write_report(out, results, args, command)  # a partial report after every model
+    write_report(out, results, args, command)
     log(f"wrote {out}")
     return 0
+
+
+def write_report(out: Path, results: dict, args, command: str) -> None:
+    """The whole report, or with ``--merge`` this run's model sections spliced into ``out``."""
+    if not args.merge:
+        out.write_text(render(results, args, command))
+        return
+    if not out.is_file():
+        raise SystemExit(f"--merge: {out} does not exist (run without --merge first)")
+    text = out.read_text()
+    for name in args.models:
+        res = results["models"].get(name)
+        if res is None:
+            continue
+        text = merge_section(text, name, "\n".join(render_model(name, res, args, command)) + "\n")
+    out.write_text(text)
+
+
+def merge_section(text: str, name: str, section: str) -> str:
+    """``text`` with its ``## name`` section replaced by ``section`` (or ``section`` inserted before
+    ``## Caveats``, else appended)."""
+    head = f"## {name}\n"
+    start = text.find("\n" + head)
+    if start >= 0:
+        start += 1
+        nxt = text.find("\n## ", start + len(head))
+        end = len(text) if nxt < 0 else nxt + 1
+        return text[:start] + section + ("\n" if nxt >= 0 else "") + text[end:]
+    cav = text.find("\n## Caveats")
+    if cav < 0:
+        return text.rstrip("\n") + "\n\n" + section
+    return text[: cav + 1] + section + "\n" + text[cav + 1 :]
 
 
 def run_model(name: str, limit: int, args, store: Store, assets: Path) -> dict:
@@ -514,7 +591,7 @@ def run_model(name: str, limit: int, args, store: Store, assets: Path) -> dict:
     # Whole-layer baselines at about 25%.
     quarter = min(res["calibration"], key=lambda c: abs(c["target"] - 0.25))
     n_layers = max(1, round(0.25 * num_layers))
-    for extra, pol in (
+    for extra, pol in () if name in args.skip_whole_layer_models else (
         ("shortgpt", {"mode": "shortgpt", "skip_budget": n_layers, "warmup_tokens": 0, "dense_every": 0}),
         ("skipdecode", {**base, "mode": "skipdecode", "skip_budget": quarter["baseline_budget"]}),
     ):
