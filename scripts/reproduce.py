@@ -509,7 +509,7 @@ def write_report(out: Path, results: dict, args, command: str) -> None:
         res = results["models"].get(name)
         if res is None:
             continue
-        text = merge_section(text, name, "\n".join(render_model(name, res, args, command)) + "\n")
+        text = merge_section(text, name, "\n".join(render_model(name, res, args, command)).rstrip("\n") + "\n")
     out.write_text(text)
 
 
