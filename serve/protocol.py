@@ -29,6 +29,11 @@ from ffnskip.errors import FFNSkipError
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 4
 MAX_TEMPERATURE = 2.0
+#: A positive temperature below this samples as greedy does (logits / 1e-300 overflow to inf):
+#: it is served as 0, the limit it approaches.
+MIN_TEMPERATURE = 1e-4
+#: ``seed`` is a 64-bit signed integer (OpenAI's type; PyTorch's generators take no larger).
+SEED_RANGE = (-(2**63), 2**63 - 1)
 SSE_DONE = b"data: [DONE]\n\n"
 #: Largest ``logprobs`` of a completions request (the legacy API's limit).
 MAX_LOGPROBS = 5
@@ -210,6 +215,8 @@ def _common(body: dict, kind: str) -> GenerationRequest:
     if not 0 <= temperature <= MAX_TEMPERATURE:
         raise invalid(f"'temperature' must be between 0 and {MAX_TEMPERATURE:g}; got {temperature:g}",
                       param="temperature")
+    if temperature < MIN_TEMPERATURE:
+        temperature = 0.0
     top_p = _opt_num(body, "top_p")
     top_p = 1.0 if top_p is None else top_p
     if not 0 < top_p <= 1:
@@ -231,6 +238,8 @@ def _common(body: dict, kind: str) -> GenerationRequest:
         raise _type_error("stop", "a string or an array of strings", stop_v)
     stop = tuple(s for s in stop if s)
     seed = _opt_int(body, "seed")
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise invalid(f"'seed' must be a 64-bit signed integer; got {seed}", param="seed")
     stream = _opt_bool(body, "stream")
     include_usage = False  # OpenAI: a stream reports usage only when asked, in one last chunk
     so = body.get("stream_options")

@@ -55,6 +55,15 @@ def _same(a: str | None, b: str) -> bool:
     return a is not None and hmac.compare_digest(a.encode(), b.encode())
 
 
+def _check_text(text: str, param: str) -> None:
+    """Text a tokenizer can take: no lone UTF-16 surrogates (JSON's "\ud800" escapes decode to them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise invalid(f"'{param}' is not valid Unicode text: {exc.reason} at position {exc.start}", param=param,
+                      code="invalid_value") from None
+
+
 class Service:
     """One replica's request handling around a loaded model."""
 
@@ -80,6 +89,7 @@ class Service:
         policies.check_for_model(entry.policy, self.num_layers)
         self.holder = PolicyHolder(entry)
         self.metrics = ServeMetrics()
+        self._cancel_metrics()
         self.engine = BatchEngine(model, tokenizer, max_batch_size=args.max_batch_size,
                                   batch_wait_s=args.batch_wait_ms / 1000.0, max_queued=args.max_queued_requests,
                                   on_batch=self.metrics.batch_size.observe).start()
@@ -88,6 +98,30 @@ class Service:
         self.replica_id: str | None = None
         #: Set by the deployment: shares a swap with the other replicas, returns its version.
         self.publish: Callable[[PolicyEntry], Awaitable[int | None]] | None = None
+
+    def _cancel_metrics(self) -> None:
+        """Requests given up before they finished (the client left, or their deadline passed), and
+        what their rows had computed then: the engine drops a cancelled row at its next step, so
+        ``max_tokens`` minus that is work the replica did not do."""
+        from prometheus_client import Counter
+
+        r = self.metrics.registry
+        self.cancelled = Counter("ffnskip_requests_cancelled", "Generation requests cancelled before they finished, "
+                                 "by reason (disconnected, timeout)", ["reason"], registry=r)
+        self.cancelled_tokens = Counter("ffnskip_cancelled_tokens_computed", "Tokens the engine had generated for "
+                                        "requests when they were cancelled", registry=r)
+        self.cancelled_saved = Counter("ffnskip_cancelled_tokens_saved", "Tokens of max_tokens that cancelled "
+                                       "requests did not generate (their rows left the batch)", registry=r)
+
+    def _cancel(self, greq: GenRequest, reason: str) -> None:
+        """Cancel a request that has not finished, once, and count it."""
+        if greq.finished or greq.cancelled:
+            return
+        greq.cancel(reason)
+        self.cancelled.labels(reason).inc()
+        done = greq.completion
+        self.cancelled_tokens.inc(done)
+        self.cancelled_saved.inc(max(0, greq.params.max_new_tokens - done))
 
     @classmethod
     def load(cls, args: ServeArgs, entry: PolicyEntry | None = None) -> "Service":
@@ -154,10 +188,14 @@ class Service:
         special = body.get("add_special_tokens", True)
         if not isinstance(special, bool):
             raise invalid("'add_special_tokens' must be a boolean", param="add_special_tokens", code="invalid_type")
+        _check_text(text, "prompt")
         try:
-            ids = list(self.front_tokenizer(text, add_special_tokens=special)["input_ids"])
-        except TypeError:  # a tokenizer without the keyword
-            ids = list(self.front_tokenizer(text)["input_ids"])
+            try:
+                ids = list(self.front_tokenizer(text, add_special_tokens=special)["input_ids"])
+            except TypeError:  # a tokenizer without the keyword
+                ids = list(self.front_tokenizer(text)["input_ids"])
+        except Exception as exc:  # noqa: BLE001 - whatever the tokenizer refuses is the request's fault
+            raise invalid(f"the prompt could not be tokenised: {exc}", param="prompt") from None
         return {"tokens": ids, "count": len(ids), "max_model_len": self.context}
 
     def detokenize(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -362,8 +400,17 @@ class Service:
     async def submit_async(self, req: GenerationRequest) -> tuple[GenRequest, ResponseMeta]:
         """:meth:`submit` with the tokenisation (and chat templating) in a worker thread, so a long
         prompt does not stall the event loop that streams the other requests' tokens."""
+        self.check_room()  # a full replica answers 429 at once, without tokenising first
         greq = await asyncio.to_thread(self.prepare, req)
         return self._submit(req, greq)
+
+    def check_room(self) -> None:
+        """429 now if the engine would refuse the request (its running batch and queue are full);
+        the engine's own check at submission stays the one that counts."""
+        e = self.engine
+        if e.waiting >= e.max_queued + max(0, e.max_batch_size - e.running):
+            raise overloaded(f"the server is overloaded: {e.running} sequences decoding and {e.waiting} waiting "
+                             f"(queue bound {e.max_queued}); retry later")
 
     def submit(self, req: GenerationRequest) -> tuple[GenRequest, ResponseMeta]:
         return self._submit(req, self.prepare(req))
@@ -420,7 +467,7 @@ class Service:
                 try:
                     item = await self._next(greq)
                 except TimeoutError:
-                    greq.cancel("timeout")
+                    self._cancel(greq, "timeout")
                     raise self._timeout() from None
                 if isinstance(item, TokenItem):
                     last = self._observe_token(greq, item, last)
@@ -429,8 +476,7 @@ class Service:
                 else:
                     raise self._error_of(item)
         finally:
-            if not greq.finished:
-                greq.cancel("disconnected")
+            self._cancel(greq, "disconnected")
 
     def _final(self, greq: GenRequest, meta: ResponseMeta, item: DoneItem, stream: bool):
         if item.stats is not None:
@@ -454,7 +500,7 @@ class Service:
                 try:
                     item = await self._next(greq)
                 except TimeoutError:
-                    greq.cancel("timeout")
+                    self._cancel(greq, "timeout")
                     err = self._timeout()
                     status = str(err.status)
                     yield sse(err.body())
@@ -481,6 +527,5 @@ class Service:
                     yield SSE_DONE
                     return
         finally:
-            if not greq.finished:
-                greq.cancel("disconnected")
+            self._cancel(greq, "disconnected")
             on_status(status)
