@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -33,6 +34,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the drills sign
 #: A trial's evaluation sleeps this long first, so that trials are seen running.
 SLOW_S = 2.0
 SLOW_EVAL = f"""\
+import os
 import time
 
 from ffnskip.eval import evaluate as ffnskip_evaluate
@@ -40,7 +42,10 @@ from ffnskip.eval import evaluate as ffnskip_evaluate
 
 def evaluate(model, tokenizer, policy, task, **kwargs):
     if policy.mode != "dense":  # the trials, not the dense baseline
-        time.sleep({SLOW_S})
+        marks = os.environ.get("FFNSKIP_DRILL_MARKS")
+        if marks:  # the drill sees which process evaluates now
+            open(os.path.join(marks, str(os.getpid())), "w").close()
+        time.sleep(float(os.environ.get("FFNSKIP_DRILL_SLOW_S", {SLOW_S})))
     return ffnskip_evaluate(model, tokenizer, policy, task, **kwargs)
 """
 
@@ -393,3 +398,111 @@ def test_store_writes_wait_for_a_restarted_database_with_backoff(restartable_pos
         assert len(store.trials(sid)) == 1
     report("PostgreSQL restart under a store write", downtime_s=round(DOWN_S / 2, 1), waited_s=round(waited, 1),
            retries=stats.retries, written_once=True, window_s=1.0, gave_up_after_s=round(gave_up_s, 1))
+
+
+# ------------------------------------------------------------------------------ drill 2
+def test_worker_node_lost_mid_trial_is_recorded_and_the_study_finishes(drill_dir, postgresql_url):
+    """Two Ray nodes (1 CPU each) on loopback, the study's driver on the head: while both trials
+    run, the second node's whole process session is stopped (what ``ray stop`` does there,
+    without touching other clusters). The trial it ran is recorded failed with the reason, the
+    study goes on on the head and finishes, and every finished trial is in PostgreSQL."""
+    from test_multinode import RayNode, alive_nodes, can_set_hostname, free_ports
+
+    wd = drill_dir / "wd"
+    config = study_yaml(wd, "nodelost", trials=4)
+    hostnames = ("ffnskip-node-a", "ffnskip-node-b") if can_set_hostname() else (None, None)
+    gcs, dash, client, *ports = free_ports(3 + 2 * 6)
+    env = driver_env(drill_dir)
+    marks = drill_dir / "marks"
+    marks.mkdir()
+    env.update(FFNSKIP_DRILL_MARKS=str(marks), FFNSKIP_DRILL_SLOW_S="6")
+
+    def node_ports(offset: int) -> list[str]:
+        p = ports[offset:offset + 6]
+        return ["--node-manager-port", str(p[0]), "--object-manager-port", str(p[1]),
+                "--dashboard-agent-listen-port", str(p[2]), "--dashboard-agent-grpc-port", str(p[3]),
+                "--runtime-env-agent-port", str(p[4]), "--metrics-export-port", str(p[5])]
+
+    common = ["--num-gpus", "0", "--object-store-memory", str(100 * 1024 * 1024), "--disable-usage-stats",
+              "--node-ip-address", "127.0.0.1", "--num-cpus", "1"]
+    dashboard = f"http://127.0.0.1:{dash}"
+    nodes: list[RayNode] = []
+    driver = None
+    try:
+        head = RayNode("head", ["--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port",
+                                str(dash), "--ray-client-server-port", str(client), "--temp-dir",
+                                str(drill_dir / "ra"), *node_ports(0), *common],
+                       env, drill_dir / "head.log", hostnames[0])
+        nodes.append(head)
+
+        def wait_nodes(n: int, node: RayNode) -> None:
+            deadline = time.monotonic() + 120
+            while True:
+                assert node.alive(), f"Ray node {node.name} exited:\n{node.tail()}"
+                try:
+                    if len(alive_nodes(dashboard, None)) == n:
+                        return
+                except (OSError, KeyError, ValueError):
+                    pass
+                assert time.monotonic() < deadline, f"{n} Ray node(s) not up in 120 s:\n{node.tail()}"
+                time.sleep(0.5)
+
+        wait_nodes(1, head)
+        worker = RayNode("worker", ["--address", f"127.0.0.1:{gcs}", "--temp-dir", str(drill_dir / "rb"),
+                                    *node_ports(6), *common], env, drill_dir / "worker.log", hostnames[1])
+        nodes.append(worker)
+        wait_nodes(2, worker)
+
+        driver = Driver(["--config", str(config), "--db", postgresql_url, "--address", f"127.0.0.1:{gcs}"], wd, env,
+                        drill_dir / "driver.log")
+        deadline = time.monotonic() + 180
+        while True:  # a trial evaluating on the second node
+            on_b = set(session_pids(worker.sid))
+            evaluating = [int(m.name) for m in marks.iterdir() if int(m.name) in on_b]
+            if evaluating:
+                break
+            assert driver.proc.poll() is None, f"the study ended first:\n{driver.tail()}"
+            assert time.monotonic() < deadline, f"no trial ran on the second node:\n{driver.tail()}"
+            time.sleep(0.1)
+        at_loss = trial_counts(postgresql_url, "nodelost")
+        lost_at = time.monotonic()
+        for pid in session_pids(worker.sid):  # the node is lost: all its processes at once
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        left = worker.stop()
+        assert not left, f"processes of the lost node outlived it: {left}"
+        rc = driver.wait(timeout=240)
+        finish_s = time.monotonic() - lost_at
+        out = driver.tail(200_000)
+        assert rc == 0, f"the study did not survive the lost node ({rc}):\n{out[-6000:]}"
+    finally:
+        if driver is not None:
+            if driver.proc.poll() is None:
+                driver.kill_session()
+            driver.reap(timeout=10)
+        left = {n.name: n.stop() for n in reversed(nodes)}
+    assert not any(left.values()), f"Ray processes outlived the test: {left}"
+
+    import psycopg
+
+    with psycopg.connect(postgresql_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        rows = conn.execute("SELECT t.status, t.error, t.quality, t.node FROM ffnskip_trials t JOIN ffnskip_studies s "
+                            "ON s.id = t.study_id WHERE s.name = 'nodelost' ORDER BY t.id").fetchall()
+        samples = dict(conn.execute("SELECT t.id, count(x.id) FROM ffnskip_trials t LEFT JOIN ffnskip_samples x "
+                                    "ON x.trial_id = t.id WHERE t.status = 'completed' GROUP BY t.id").fetchall())
+    statuses = Counter(r[0] for r in rows)
+    failed = [r for r in rows if r[0] == "failed"]
+    assert len(rows) == 4 and statuses.get("running", 0) == 0, rows
+    assert len(failed) == 1, rows  # the lost node's trial
+    assert all(r[1] and ("died" in r[1].lower() or "node" in r[1].lower()) for r in failed), failed
+    assert all(n == 2 for n in samples.values()) and len(samples) == statuses["completed"]
+    if hostnames[0]:
+        assert {r[3] for r in rows if r[0] == "completed"} <= set(hostnames)
+    states = optuna_states(postgresql_url, "nodelost")
+    assert states.get("RUNNING", 0) == 0 and states.get("COMPLETE") == statuses["completed"], states
+    report("worker node lost mid-trial", trials=4, running_at_loss=at_loss.get("running", 0),
+           completed=statuses["completed"], failed=len(failed),
+           failure_reason=failed[0][1].splitlines()[0][:80], running_after=0, finish_after_loss_s=round(finish_s, 1),
+           in_postgresql=len(rows))
