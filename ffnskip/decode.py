@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .engine import SeqStats, SkipController
@@ -197,6 +198,47 @@ def decode_one_token(model, tokens, attention_mask, position_ids, cache, ctl: Sk
     return _forward(model, tokens, attention_mask, position_ids, cache)
 
 
+# ---------------------------------------------------------------------- joining transformers caches
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``t`` with zeros before it along ``dim`` (-1 or -2) up to ``width`` entries (>= its own)."""
+    return F.pad(t, [0, 0] * (-dim - 1) + [width - t.shape[dim], 0])
+
+
+def mergeable(cache) -> bool:
+    """Whether rows can join ``cache`` (:func:`merge_caches`): every layer a plain ``DynamicLayer``
+    or ``DynamicSlidingWindowLayer`` of transformers (not recording its past)."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    layers = getattr(cache, "layers", None)
+    kinds = (DynamicLayer, DynamicSlidingWindowLayer)
+    return bool(layers) and all(type(x) in kinds and x.is_initialized and not getattr(x, "record_past", False) for x in layers)
+
+
+def merge_caches(cache, other) -> None:
+    """Append the rows of ``other`` to ``cache`` (:func:`mergeable`, one model), right-aligned: the
+    side with fewer columns gets zero (masked) columns first, so every row ends at the same column.
+    A sliding-window layer stores only its last min(N, window - 1) columns and counts N in
+    ``cumulative_length``: both sides are padded to the wider stored width, N is the larger. (Its
+    mask is column-based and each row's real tokens are its last columns: the window is kept.)"""
+    for a, b in zip(cache.layers, other.layers):
+        width = max(a.keys.shape[-2], b.keys.shape[-2])
+        a.keys = torch.cat([_left_pad(a.keys, width, -2), _left_pad(b.keys, width, -2)])  # [B + R, Hkv, width, hd]
+        a.values = torch.cat([_left_pad(a.values, width, -2), _left_pad(b.values, width, -2)])
+        if a.is_sliding:
+            a.cumulative_length = max(a.cumulative_length, b.cumulative_length)
+
+
+def drop_columns(cache, n: int) -> None:
+    """Drop the first ``n`` (>= 0) columns, padding for every row, of a :func:`mergeable` cache."""
+    for layer in cache.layers:
+        stored = layer.keys.shape[-2]
+        if layer.is_sliding:
+            layer.cumulative_length -= n
+        keep = min(stored, layer.cumulative_length) if layer.is_sliding else stored - n
+        layer.keys = layer.keys[:, :, stored - keep :]  # [B, Hkv, keep, hd]
+        layer.values = layer.values[:, :, stored - keep :]
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] -> tokens [B] (greedy when temperature == 0)."""
     if params.temperature == 0:
@@ -280,9 +322,36 @@ class _Row:
     generator: torch.Generator | None
     detok: Detokenizer
     start: int = 0
-    """Fast path: the cache column where its prompt begins (the columns before it are padding)."""
+    """The cache column where its prompt begins (the columns before it are padding)."""
     passes: int = 0
     """Decode passes run for it (the pass that produces token t is pass t; the prompt pass gives 0)."""
+
+
+@dataclass
+class _Prefill:
+    """The prompt pass of rows that join together: one left-padded batch with its own transformers
+    cache, run ``done`` of its ``width`` columns so far."""
+
+    rows: list[_Row]
+    ids: torch.Tensor  # [R, S] prompts, left-padded
+    mask: torch.Tensor  # [R, S] 1 = a real token
+    pos: torch.Tensor  # [R, S] positions (real tokens counted)
+    cache: Any
+    pre: SkipController  # the prompt pass's own controller: dense (begin_prefill)
+    width: int  # S
+    done: int = 0
+    logits: torch.Tensor | None = None  # [R, V] after the last column
+
+
+#: Default of ``DecodeSession(prefill_chunk=...)``: prompt columns per step while a batch runs.
+PREFILL_CHUNK = 256
+
+
+def check_prefill_chunk(value: int | None) -> int | None:
+    """``prefill_chunk``: a positive integer, or None (a joining prompt's pass runs whole)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise GenerationError(f"prefill_chunk must be a positive integer (prompt tokens per step) or None; got {value!r}")
+    return value
 
 
 class DecodeSession:
@@ -290,33 +359,39 @@ class DecodeSession:
     and the once-per-step read of the device. Shared by :func:`generate`, the teacher-forced
     scoring of the evaluator and the server's batcher.
 
-    Rows are added with :meth:`add` and join at the next :meth:`step` (their prompt pass first;
-    a fresh or drained session prefills all waiting rows as one left-padded batch, a running one
-    on the fast path prefills the newcomers and appends them to the batch). Rows leave as soon
-    as they finish (EOS, their own ``max_new_tokens``, a stop string, cancellation): they are
-    dropped from the batch and compute nothing more. Each row has its own
-    :class:`SamplingParams`; skip decisions are per row (the controller's).
-
-    On the model's own forward (families without a fast-path layout) rows can join only a
-    drained session (:attr:`can_join`); until then they wait in :attr:`waiting`.
+    Rows are added with :meth:`add` and join at a later :meth:`step`, after their prompt pass
+    (dense; the waiting rows as one left-padded batch in its own transformers cache). A fresh or
+    drained session runs it in one go (nothing decodes, so nothing waits); while rows decode, each
+    step runs ``prefill_chunk`` more of its columns (positions continuing) and the running rows
+    still get their token: a prompt of S tokens joins after ``ceil(S / prefill_chunk)`` steps; rows
+    added meanwhile wait for the next pass. Then the rows are appended right-aligned (every row
+    ends at the same cache column, the shorter side left-padded and masked) to the fast path's
+    cache (:meth:`FastDecoder.join`) or to the model's own transformers cache
+    (:func:`merge_caches`, sliding-window layers included). Rows leave as soon as they finish (EOS,
+    their ``max_new_tokens``, a stop string, cancellation) and compute nothing more. Sampling
+    (:class:`SamplingParams`) and skip decisions (the controller's) are per row.
 
     Host-device synchronisations per step: one, :func:`ffnskip.sync.to_host` of the sampled tokens
-    (with the lagged rule's cosines), plus the eager adaptive test's (see :mod:`ffnskip.engine`).
+    (with the lagged rule's cosines), plus the eager adaptive test's (see :mod:`ffnskip.engine`);
+    joining, leaving and the prompt chunks add none of their own.
     """
 
     def __init__(self, model: nn.Module, tokenizer, policy: SkipPolicy | None = None, *, fast: bool | None = None,
-                 cache=None, cancelled: Callable[[int], bool] | None = None) -> None:
+                 cache=None, cancelled: Callable[[int], bool] | None = None,
+                 prefill_chunk: int | None = PREFILL_CHUNK) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.policy = policy or SkipPolicy.dense()
         self.fast = fast
         self.cancelled = cancelled
         """``cancelled(row_id)`` is asked after each token of a live row; True ends it (``cancelled``)."""
+        self.prefill_chunk = check_prefill_chunk(prefill_chunk)
         self.device = next(model.parameters()).device
         self.context = context_length(model)
         self.ctl = SkipController(model, self.policy, [], max_new_tokens=[])
         self.rows: list[_Row] = []  # in batch order
         self.waiting: list[_Row] = []
+        self._prefill: _Prefill | None = None  # the joining rows' prompt pass in progress
         self.cache = None  # a transformers cache (the model's own forward) or a FastDecoder
         self._given_cache = cache
         self.mask: torch.Tensor | None = None  # [B, N] 1 = a real token
@@ -333,12 +408,19 @@ class DecodeSession:
 
     @property
     def can_join(self) -> bool:
-        """Whether a row added now joins at the next step (else it waits for the batch to drain)."""
-        return not self.rows or self.fast_path
+        """Whether rows added now can join the running batch (else they wait for it to drain): on
+        the fast path and on a transformers ``DynamicCache`` (:func:`mergeable`), not on a cache
+        the caller passed in of another kind."""
+        return not self.rows or self.fast_path or mergeable(self.cache)
+
+    @property
+    def prefilling(self) -> list[_Row]:
+        """Rows whose prompt pass is in progress (chunked, see the class docstring)."""
+        return list(self._prefill.rows) if self._prefill is not None else []
 
     @property
     def done(self) -> bool:
-        return not self.rows and not self.waiting
+        return not self.rows and not self.waiting and self._prefill is None
 
     def add(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> SequenceResult:
         """Queue one prompt; returns its result (filled live). Its row id is ``result.row``."""
@@ -362,60 +444,79 @@ class DecodeSession:
         return result
 
     def admit(self) -> None:
-        """Prefill the waiting rows that can join now (see the class docstring)."""
-        if not self.waiting or not self.can_join:
+        """Advance the waiting rows' prompt pass (see the class docstring): all of it when no row
+        is decoding, else ``prefill_chunk`` columns; once it is complete they join the batch."""
+        if self._prefill is None:
+            if not self.waiting or not self.can_join:
+                return
+            self._prefill = self._start_prefill(self.waiting)
+            self.waiting = []
+        pf = self._prefill
+        cols = pf.width if not self.rows or self.prefill_chunk is None else self.prefill_chunk
+        end = min(pf.width, pf.done + cols)
+        with pf.pre.attached():
+            pf.pre.begin_prefill()
+            pf.logits = prefill(self.model, pf.ids[:, pf.done : end], pf.mask[:, :end], pf.pos[:, pf.done : end], pf.cache)
+        pf.done = end
+        if end < pf.width:
             return
-        rows, self.waiting = self.waiting, []
-        S = max(len(r.result.prompt_ids) for r in rows)
-        ids = torch.full((len(rows), S), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), S), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r.result.prompt_ids)
-            ids[i, S - n :] = torch.tensor(r.result.prompt_ids, dtype=torch.long)
-            mask[i, S - n :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)  # [R, S]
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [R, S] positions count real tokens only
-        fresh = not self.rows
-        cache = (self._given_cache if fresh and self._given_cache is not None else None) or new_cache(self.model)
-        self._given_cache = None
-        pre = SkipController(self.model, self.policy, [r.result.prompt_ids for r in rows])
-        with pre.attached():
-            pre.begin_prefill()
-            logits = prefill(self.model, ids, mask, pos, cache)  # [R, V]
-        self.ctl.add_rows([r.result.prompt_ids for r in rows], [r.params.max_new_tokens for r in rows])
-        for i, r in enumerate(rows):
+        self._prefill = None
+        self.ctl.add_rows([r.result.prompt_ids for r in pf.rows], [r.params.max_new_tokens for r in pf.rows])
+        for i, r in enumerate(pf.rows):
             r.result.stats = self.ctl.stats[len(self.rows) + i]
-        longest = max(r.params.max_new_tokens for r in rows)
-        if fresh:
-            self.cache = cache
-            if self.fast is not False:
-                why_not = FastDecoder.supports(self.model, S + longest)
-                if why_not is None:
-                    self.cache = FastDecoder(self.model, len(rows), S + longest, padded=False)  # set below
-                    self.cache.load_prefill(cache)
-                elif self.fast:
-                    raise GenerationError(f"the fast decode path does not support this model: {why_not}")
-            for i, r in enumerate(rows):
-                r.start = S - len(r.result.prompt_ids)
-            self.rows, self.mask, self.positions, self.logits = rows, mask, pos[:, -1:], logits
-        else:  # fast path, running batch: the newcomers are right-aligned to the current column
-            fd: FastDecoder = self.cache
-            extra = max([r.params.max_new_tokens - r.passes for r in self.rows] + [longest])
-            shift = fd.join(cache, S, extra)
-            for r in self.rows:
-                r.start += shift
-            for i, r in enumerate(rows):
-                r.start = fd.length - len(r.result.prompt_ids)
-            old = self.mask
-            if shift:
-                old = torch.cat([old.new_zeros((old.shape[0], shift)), old], dim=1)
-            new = torch.cat([mask.new_zeros((len(rows), fd.length - S)), mask], dim=1)
-            self.mask = torch.cat([old, new])  # [B + R, N]
-            self.positions = torch.cat([self.positions, pos[:, -1:]])
-            self.logits = torch.cat([self.logits, logits])
-            self.rows = self.rows + rows
+        if self.rows:
+            self._join(pf)
+        else:
+            self._begin(pf)
         if self.fast_path:
             self.cache.padded = any(r.start > 0 for r in self.rows)
+
+    def _start_prefill(self, rows: list[_Row]) -> _Prefill:
+        """The rows' prompts as one left-padded batch, with an empty cache and a dense controller."""
+        prompts = [r.result.prompt_ids for r in rows]
+        S = max(len(p) for p in prompts)
+        ids = torch.tensor([[self._pad_id] * (S - len(p)) + p for p in prompts], device=self.device)  # [R, S]
+        mask = torch.tensor([[0] * (S - len(p)) + [1] * len(p) for p in prompts], device=self.device)  # [R, S]
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [R, S] positions count real tokens only
+        fresh = not self.rows and self._given_cache is not None
+        cache = self._given_cache if fresh else new_cache(self.model)
+        self._given_cache = None
+        return _Prefill(rows, ids, mask, pos, cache, SkipController(self.model, self.policy, prompts), S)
+
+    def _begin(self, pf: _Prefill) -> None:
+        """Prefilled rows start a fresh batch (on the fast path when it supports the model)."""
+        S, longest = pf.width, max(r.params.max_new_tokens for r in pf.rows)
+        self.cache = pf.cache
+        if self.fast is not False:
+            why_not = FastDecoder.supports(self.model, S + longest)
+            if why_not is None:
+                self.cache = FastDecoder(self.model, len(pf.rows), S + longest, padded=False)  # padded set by admit
+                self.cache.load_prefill(pf.cache)
+            elif self.fast:
+                raise GenerationError(f"the fast decode path does not support this model: {why_not}")
+        for r in pf.rows:
+            r.start = S - len(r.result.prompt_ids)
+        self.rows, self.mask, self.positions, self.logits = pf.rows, pf.mask, pf.pos[:, -1:], pf.logits
+
+    def _join(self, pf: _Prefill) -> None:
+        """Prefilled rows join the running batch, right-aligned to its current column (a prompt
+        longer than the batch so far moves the running rows right)."""
+        S, N = pf.width, self.mask.shape[1]
+        if self.fast_path:
+            extra = max(r.params.max_new_tokens - r.passes for r in self.rows + pf.rows)
+            shift = self.cache.join(pf.cache, S, extra)
+        else:
+            merge_caches(self.cache, pf.cache)
+            shift = max(0, S - N)
+        width = N + shift
+        for r in self.rows:
+            r.start += shift
+        for r in pf.rows:
+            r.start = width - len(r.result.prompt_ids)
+        self.mask = torch.cat([_left_pad(self.mask, width, -1), _left_pad(pf.mask, width, -1)])  # [B + R, N']
+        self.positions = torch.cat([self.positions, pf.pos[:, -1:]])
+        self.logits = torch.cat([self.logits, pf.logits])
+        self.rows = self.rows + pf.rows
 
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
         """One decode pass: ``tokens`` [B] (one per row, on the device) -> next logits [B, V]."""
@@ -439,7 +540,8 @@ class DecodeSession:
         return torch.cat([sample(self.logits[b : b + 1], r.params, r.generator) for b, r in enumerate(self.rows)])
 
     def _leave(self, gone: list[int]) -> None:
-        """Rows at these batch positions left: drop them from the batch, its cache and state."""
+        """Rows at these batch positions left: drop them from the batch, its cache and state, and
+        the leading cache columns no kept row uses any more."""
         keep = [b for b in range(len(self.rows)) if b not in gone]
         self.rows = [self.rows[b] for b in keep]
         self.ctl.keep_rows(keep)
@@ -450,19 +552,23 @@ class DecodeSession:
         self._tokens = self._tokens.index_select(0, idx)
         self.positions = self.positions.index_select(0, idx)
         self.mask = self.mask.index_select(0, idx)
+        drop = min(r.start for r in self.rows)  # leading columns no kept row uses
         if self.fast_path:
-            drop = min(r.start for r in self.rows)  # leading columns no kept row uses
             self.cache.keep(idx, drop)
-            self.mask = self.mask[:, drop:]
-            for r in self.rows:
-                r.start -= drop
-            self.cache.padded = any(r.start > 0 for r in self.rows)
         else:
             for layer in self.cache.layers:
                 layer.batch_select_indices(idx)
+            drop = drop if mergeable(self.cache) else 0
+            drop_columns(self.cache, drop)
+        self.mask = self.mask[:, drop:]
+        for r in self.rows:
+            r.start -= drop
+        if self.fast_path:
+            self.cache.padded = any(r.start > 0 for r in self.rows)
 
     def step(self) -> list[TokenEvent]:
-        """Run the pending decode pass, admit waiting rows, then produce one token for every row.
+        """Run the pending decode pass, advance the waiting rows' prompt pass (they join once it is
+        complete), then produce one token for every row of the batch.
 
         Returns one event per row (in batch order); rows that finished have left the batch."""
         if self._tokens is not None and self.rows:
@@ -472,10 +578,13 @@ class DecodeSession:
         if not self.rows:
             return []
         tokens = self._sample()  # [B]
-        cosines = self.ctl.pending_cosines()  # lagged adaptive only: [B, M] on the device, else None
+        cosines = self.ctl.pending_cosines()  # lagged adaptive only: [B', M] on the device, else None
         if cosines is None:
             tokens_host = to_host(tokens)  # HOST SYNC: 1 per step (EOS, stop strings, text)
         else:
+            if cosines.shape[0] < tokens.shape[0]:  # rows that joined after the decode pass: none measured
+                unmeasured = cosines.new_full((tokens.shape[0] - cosines.shape[0], cosines.shape[1]), float("nan"))
+                cosines = torch.cat([cosines, unmeasured])  # [B, M]
             # HOST SYNC: still 1 per step, the tokens and the step's cosines in one transfer
             # (float64 holds every token id exactly).
             packed = to_host(torch.cat([tokens[:, None].double(), cosines.double()], dim=1))  # [B][1 + M]

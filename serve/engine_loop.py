@@ -8,8 +8,10 @@ the others), and rows leave as soon as they end: EOS, a stop string, their own `
 a cancellation (client gone, timeout), after which they compute nothing more. Sampling settings,
 lengths and stop strings are per row; skip decisions are per sequence, as the engine makes them.
 A request for another policy at the head of the queue stops further joins: the batch drains and
-that policy's session is next (no request waits behind an endless stream of joiners). On the
-model's own forward (families without a fast-path layout) a running session takes no joiners.
+that policy's session is next (no request waits behind an endless stream of joiners). Joins work
+on both decode paths (the fast path, and the model's own forward for Gemma 3 and GPT-2). A joining
+prompt longer than ``prefill_chunk`` tokens is prefilled that many tokens per step, so the running
+rows keep getting one token per step meanwhile (see :class:`~ffnskip.decode.DecodeSession`).
 
 Each row's tokens go to its request's asyncio queue as they are produced. A failure inside a step
 is reported to the requests of that session; the loop itself keeps running.
@@ -28,7 +30,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Sequence
 
-from ffnskip.decode import DecodeSession, SamplingParams, context_length
+from ffnskip.decode import PREFILL_CHUNK, DecodeSession, SamplingParams, check_prefill_chunk, context_length
 from ffnskip.engine import SeqStats
 from ffnskip.errors import FFNSkipError
 
@@ -140,8 +142,11 @@ class BatchEngine:
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, batch_wait_s: float = 0.01,
                  max_queued: int = 32, on_batch: Callable[[int], None] | None = None,
-                 session_factory: Callable[..., DecodeSession] = DecodeSession):
+                 session_factory: Callable[..., DecodeSession] = DecodeSession,
+                 prefill_chunk: int | None = PREFILL_CHUNK):
         self.model = model
+        self.prefill_chunk = check_prefill_chunk(prefill_chunk)
+        """Prompt tokens per step of a joining request's prefill while others decode (None: whole)."""
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
@@ -297,11 +302,12 @@ class BatchEngine:
         return taken
 
     def _admit(self, joiners: list[GenRequest]) -> None:
-        """Add the joiners to the running session (a new one when idle): their prompt passes run
-        at the session's next step."""
+        """Add the joiners to the running session (a new one when idle): their prompt pass starts
+        at the session's next step (chunked while rows decode)."""
         if not self._live:
             self._session = self._new_session(self.model, self.tokenizer, joiners[0].entry.policy,
-                                              cancelled=lambda row: self._row_cancelled(row))
+                                              cancelled=lambda row: self._row_cancelled(row),
+                                              prefill_chunk=self.prefill_chunk)
             self._key = joiners[0].group_key()
         now = time.monotonic()
         for r in joiners:

@@ -265,6 +265,48 @@ def test_a_request_joins_a_running_batch_and_decodes_as_alone(tiny):
         assert done.stats.skipped_per_layer == results[0].stats.skipped_per_layer
 
 
+def test_a_long_prompt_arriving_mid_stream_is_prefilled_in_chunks_without_stopping_the_stream(tiny):
+    """b's 30-token prompt arrives while a streams; with prefill_chunk=4 its prompt pass takes
+    ceil(30 / 4) = 8 engine steps, and a gets one token in every one of them (counted per step of
+    the engine loop, no timing); b then decodes what it decodes alone."""
+    model, tok = tiny
+    steps = []  # per engine step: (a's tokens in it, b still prefilling after it)
+
+    class Watching(DecodeSession):
+        def step(self):
+            evs = super().step()
+            steps.append((sum(ev.row == 0 for ev in evs), any(r.id == 1 for r in self.prefilling)))
+            return evs
+
+    long_prompt = [(i * 13 + 5) % 250 + 1 for i in range(30)]
+    params_b = SamplingParams(max_new_tokens=3, temperature=0)
+
+    async def run():
+        eng = BatchEngine(model, tok, max_batch_size=4, batch_wait_s=0.0, session_factory=Watching, prefill_chunk=4).start()
+        try:
+            a = eng.submit(GenRequest([1, 2, 3], SamplingParams(max_new_tokens=400, temperature=0), _entry(SKIPPY)))
+            for _ in range(3):
+                assert isinstance(await a.next_item(), TokenItem)
+            b = eng.submit(GenRequest(long_prompt, params_b, _entry(SKIPPY)))
+            out_b = await _collect(b)
+            a.cancel()
+            await _collect(a)
+            return out_b
+        finally:
+            eng.close()
+
+    toks_b, done_b = asyncio.run(run())
+    first = next(i for i, (_, pre) in enumerate(steps) if pre)
+    assert [pre for _, pre in steps[first : first + 8]] == [True] * 7 + [False]  # 8 steps: 7 chunks, then b joins
+    assert [n for n, _ in steps[first : first + 8]] == [1] * 8  # a's stream never stopped
+    results = []
+    for _ in generate(model, tok, [long_prompt], SKIPPY, params_b, results=results):
+        pass
+    assert done_b.text == results[0].text and done_b.completion_tokens == len(toks_b) == 3
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        BatchEngine(model, tok, prefill_chunk=0)
+
+
 def test_batch_grouping_keys():
     """Only the skip policy separates batches: sampling, seeds, lengths and stop strings are per row
     (a seeded row draws from its own generator, so its batch-mates do not change its draws)."""
