@@ -758,8 +758,10 @@ def _sqlalchemy_cause(exc: BaseException) -> BaseException | None:
     return None
 
 
-#: Optuna storage methods retried while the database is unreachable (every public one).
-_OPTUNA_METHODS = ("create_new_study", "create_new_trial", "delete_study", "get_all_studies", "get_all_trials",
+#: Optuna storage methods retried while the database is unreachable: every public one, and the
+#: private ones that Optuna's _CachedStorage (which wraps every RDBStorage) calls directly.
+_OPTUNA_METHODS = ("_create_new_trial", "_get_best_trial_id", "_get_stale_trial_ids", "_get_trials",
+                   "_set_trial_param", "record_heartbeat", "create_new_study", "create_new_trial", "delete_study", "get_all_studies", "get_all_trials",
                    "get_best_trial", "get_n_trials", "get_study_directions", "get_study_id_from_name",
                    "get_study_name_from_id", "get_study_system_attrs", "get_study_user_attrs", "get_trial",
                    "get_trial_id_from_study_id_trial_number", "get_trial_number_from_id", "get_trial_param",
