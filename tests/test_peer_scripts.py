@@ -121,8 +121,9 @@ def test_server_commands_match_model_dtype_threads_and_batch(tmp_path):
                         ("--max-batch-size", "32"), ("--host", "127.0.0.1"), ("--served-model-name", "smollm2-135m")):
         assert ours[ours.index(flag) + 1] == value
     assert int(ours[ours.index("--max-queued-requests") + 1]) >= 32
+    assert json.loads(ours[ours.index("--policy-json") + 1]) == {"mode": "dense"}  # not the default policy
     v = load_vs_vllm.vllm_command(a, 4321, "/m")
-    assert v[:3] == [str(tmp_path / "bin" / "vllm"), "serve", "/m"]
+    assert v[:5] == [str(tmp_path / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", "/m"]
     for flag, value in (("--dtype", "float32"), ("--port", "4321"), ("--max-num-seqs", "32"),
                         ("--served-model-name", "smollm2-135m")):
         assert v[v.index(flag) + 1] == value
@@ -170,7 +171,7 @@ class LLM:
     def generate(self, inputs, params, use_tqdm=True):
         assert params.kw["ignore_eos"] and params.kw["temperature"] == 0.0
         n = params.kw["max_tokens"]
-        time.sleep(0.002 * n)
+        time.sleep(0.1 * n)  # well above the protocol's jitter on a loaded machine
         return [_Req([p["prompt_token_ids"][-1] + i + 1 for i in range(n)]) for p in inputs]
 '''
 
@@ -198,7 +199,7 @@ def test_runner_protocol_and_cleanup(fake_venv):
     try:
         assert eng.versions["vllm"] == "0.0-fake"
         seconds, toks = eng.generate([[5, 6], [9]], 3)
-        assert toks == [[7, 8, 9], [10, 11, 12]] and 0.005 < seconds < 5
+        assert toks == [[7, 8, 9], [10, 11, 12]] and 0.3 <= seconds < 5
         with pytest.raises(peer_vllm.PeerError, match="generate failed"):
             eng.generate([[1]], "x")
     finally:
@@ -225,12 +226,12 @@ def test_peer_run_end_to_end_with_a_tiny_model(fake_venv, monkeypatch):
     def steady(self, prompts, n):  # a loaded shared machine must not make t_N < t_1 here
         seconds, toks = real(self, prompts, n)
         assert all(len(t) == n for t in toks)
-        return seconds + 0.05 * n, toks
+        return seconds + 0.1 * n, toks
 
     monkeypatch.setattr(peer_vllm.OurEngine, "generate", steady)
     policy = {"mode": "adaptive", "threshold": -1, "layer_start": 0, "layer_end": 2, "warmup_tokens": 0,
               "skip_budget": 1, "dense_every": 0}
-    args = peer_vllm.parse_args(["--batch", "1", "2", "--new-tokens", "4", "--repeats", "2", "--threads", "1",
+    args = peer_vllm.parse_args(["--batch", "1", "2", "--new-tokens", "3", "--repeats", "1", "--threads", "1",
                                  "--venv", str(fake_venv), "--no-install", "--json", "--policy-json", json.dumps(policy)])
     out = peer_vllm.run(args, log=lambda m: None)
     for key in ("ours", "ours_policy", "vllm", "ratio", "ratio_policy"):
@@ -238,10 +239,10 @@ def test_peer_run_end_to_end_with_a_tiny_model(fake_venv, monkeypatch):
         assert set(out["prefill_inclusive"][key]) == {"1", "2"}, key
     assert out["ours"]["2"] > 0 and out["vllm"]["1"] > 0
     assert out["ratio"]["1"] == pytest.approx(out["ours"]["1"] / out["vllm"]["1"], rel=1e-2)
-    assert len(out["runs"]["vllm"]["2"]["t_full_s"]) == 2
+    assert len(out["runs"]["vllm"]["2"]["t_full_s"]) == 1
     assert out["greedy_agreement"]["2"]["rows"] == 2
     s = out["settings"]
-    assert (s["dtype"], s["threads"], s["versions"]["vllm"], s["new_tokens"]) == ("bfloat16", 1, "0.0-fake", 4)
+    assert (s["dtype"], s["threads"], s["versions"]["vllm"], s["new_tokens"]) == ("bfloat16", 1, "0.0-fake", 3)
     table = peer_vllm.format_table(out)
     assert "ratio (/vllm)" in table and "bs2 decode" in table
 
