@@ -297,7 +297,8 @@ def test_sigkill_of_the_driver_then_resume_loses_and_duplicates_nothing(drill_di
            running_at_kill=at_kill.get("running", 0), completed=counts["completed"],
            lost=len(completed_before - completed_after), duplicated=dups["ffnskip"] + dups["optuna"],
            running_after=counts.get("running", 0) + states.get("RUNNING", 0),
-           interrupted_marked_failed=len(interrupted), resume_s=round(resume_s, 1), processes_left=0)
+           interrupted_marked_failed=len(interrupted), resume_s=round(resume_s, 1), processes_left=0,
+           optuna_told_on_resume=int(out.split("told Optuna ")[1].split()[0]) if "told Optuna " in out else 0)
 
 
 # ------------------------------------------------------------------------------ drill 3

@@ -118,8 +118,12 @@ def make_sampler(cfg, *, seed: int):
     return optuna.samplers.TPESampler(n_startup_trials=startup, seed=seed)
 
 
-def fail_stale_optuna_trials(url: str, study_name: str) -> int:
-    """Optuna trials left RUNNING by a killed job become FAIL (they will never report)."""
+def fail_stale_optuna_trials(url: str, study_name: str, finished: dict[int, Any] | None = None,
+                             objectives: list[str] | None = None, max_quality_drop: float | None = None) -> dict[str, int]:
+    """Optuna trials left RUNNING by a killed job: one the store holds as finished (``finished``:
+    stored trial records by Optuna number; the job died between writing the store and telling
+    Optuna) is told to Optuna as the store has it (COMPLETE with its values and constraint, or
+    PRUNED); the others become FAIL (they will never report). Returns ``{"failed", "told"}``."""
     import optuna
     from optuna.trial import TrialState
 
@@ -127,11 +131,27 @@ def fail_stale_optuna_trials(url: str, study_name: str) -> int:
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
-        return 0
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for t in stale:
-        storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-    return len(stale)
+        return {"failed": 0, "told": 0}
+    out = {"failed": 0, "told": 0}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        row = (finished or {}).get(t.number)
+        values = [getattr(row, m, None) for m in objectives or ()] if row is not None else []
+        if row is not None and row.status == "pruned":
+            study.tell(t.number, state=TrialState.PRUNED)
+            out["told"] += 1
+        elif row is not None and row.status == "completed" and values and None not in values:
+            trial = optuna.trial.Trial(study, t._trial_id)
+            trial.set_constraint("quality_drop", constraint_value(row.quality_drop, max_quality_drop))
+            for key in ("quality_drop", "quality_drop_high", "skip_ratio_post_warmup", "speedup", "speedup_low", "n",
+                        "node"):
+                if getattr(row, key, None) is not None:
+                    trial.set_user_attr(key, getattr(row, key))
+            study.tell(t.number, [float(v) for v in values], state=TrialState.COMPLETE)
+            out["told"] += 1
+        else:
+            storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            out["failed"] += 1
+    return out
 
 
 def optuna_study_exists(url: str, study_name: str) -> bool:

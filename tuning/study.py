@@ -223,9 +223,15 @@ def run_study(cfg: TuningConfig, *, db: str | None = None, resume: bool = False,
 
             if existing is not None:
                 interrupted = store.fail_running_trials(study.id, ray_runner.INTERRUPTED)
-                ray_runner.fail_stale_optuna_trials(url, name)
+                finished = {t.optuna_number: t for t in store.trials(study.id)
+                            if t.status in ("completed", "pruned") and t.optuna_number is not None}
+                stale = ray_runner.fail_stale_optuna_trials(url, name, finished, list(cfg.objectives),
+                                                            cfg.max_quality_drop)
                 if interrupted:
                     echo(f"marked {interrupted} interrupted trial(s) of the killed run as failed")
+                if stale["told"]:
+                    echo(f"told Optuna {stale['told']} finished trial(s) that the killed run had stored but not "
+                         "reported to it")
             counts = store.count_trials(study.id)
             done = counts["completed"] + counts.get("pruned", 0)  # a trial stopped early is done too
             remaining = cfg.trials - done
