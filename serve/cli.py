@@ -57,6 +57,9 @@ def register(sub) -> None:
     p.add_argument("--max-batch-size", type=positive_int("--max-batch-size"), default=8,
                    help="sequences decoded together (default 8)")
     p.add_argument("--batch-wait-ms", type=float, default=30.0, help="wait for more requests before a batch (default 30)")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens of a joining request prefilled per engine step, so running streams keep "
+                        "flowing (default 256)")
     p.add_argument("--max-queued-requests", type=int, default=32,
                    help="requests waiting for a batch per replica before 503 (default 32)")
     p.add_argument("--max-ongoing-requests", type=positive_int("--max-ongoing-requests"), default=None,
@@ -69,6 +72,7 @@ def register(sub) -> None:
 
 _FLAG = {"policy": "--policy", "policy_json": "--policy-json", "study": "--study", "db": "--db",
          "num_cpus": "--replica-cpus", "max_queued_requests": "--max-queued-requests",
+         "prefill_chunk": "--prefill-chunk",
          "request_timeout_s": "--request-timeout", "batch_wait_ms": "--batch-wait-ms", "objective": "--objective"}
 
 
@@ -87,6 +91,7 @@ def serve_args(args: argparse.Namespace, local_cpus: int | None):
             max_quality_drop=args.max_quality_drop, objective=args.objective, policy_id=args.policy_id,
             allow_policy_override=not args.no_policy_override, num_replicas=args.replicas, num_cpus=replica_cpus,
             torch_threads=args.torch_threads, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+            prefill_chunk=args.prefill_chunk,
             max_queued_requests=args.max_queued_requests, max_ongoing_requests=args.max_ongoing_requests,
             request_timeout_s=args.request_timeout, default_max_tokens=args.default_max_tokens,
         )

@@ -68,6 +68,9 @@ class ServeArgs(BaseModel):
     """Sequences decoded together in one batch."""
     batch_wait_ms: float = Field(30.0, ge=0, le=10_000)
     """How long the engine waits for more requests before starting a batch."""
+    prefill_chunk: int = Field(256, ge=1, le=65_536)
+    """Prompt tokens of a request joining a running batch processed per engine step: a long prompt
+    is prefilled in chunks so the running streams keep getting a token every step."""
     max_queued_requests: int = Field(32, ge=0)
     """Generation requests a replica keeps waiting for a batch slot; more get 503."""
     max_ongoing_requests: int | None = Field(None, ge=1)

@@ -92,7 +92,7 @@ class Service:
         self._cancel_metrics()
         self.engine = BatchEngine(model, tokenizer, max_batch_size=args.max_batch_size,
                                   batch_wait_s=args.batch_wait_ms / 1000.0, max_queued=args.max_queued_requests,
-                                  on_batch=self.metrics.batch_size.observe).start()
+                                  prefill_chunk=args.prefill_chunk, on_batch=self.metrics.batch_size.observe).start()
         self.started = time.time()
         #: Set by the deployment: which replica answers (``/healthz``).
         self.replica_id: str | None = None

@@ -567,3 +567,22 @@ def test_operator_limits_and_safe_errors(tiny):
     with pytest.raises(ValueError, match="must differ"):
         _service(tiny, api_key="same", admin_key="same")
     assert Service  # (imported for its key names)
+
+
+def test_prefill_chunk_flag_reaches_the_engine_and_bad_values_name_the_flag(tiny):
+    import argparse
+
+    from serve.cli import CLIError, register, serve_args
+
+    p = argparse.ArgumentParser()
+    register(p.add_subparsers())
+    args = serve_args(p.parse_args(["serve", "--prefill-chunk", "64"]), local_cpus=2)
+    assert args.prefill_chunk == 64
+    assert serve_args(p.parse_args(["serve"]), local_cpus=2).prefill_chunk == 256
+    with pytest.raises(CLIError, match="--prefill-chunk"):
+        serve_args(p.parse_args(["serve", "--prefill-chunk", "0"]), local_cpus=2)
+    service = _service(tiny, prefill_chunk=7)
+    try:
+        assert service.engine.prefill_chunk == 7
+    finally:
+        service.close()
