@@ -6,6 +6,11 @@ ideal speedup from the model's shapes ``1 / (1 - s * ffn_share)`` (method.md §3
 (achieved / ideal), the weight bandwidth achieved and the machine's read bandwidth measured in the
 same run (the bound a batch-1 decoder cannot beat: every weight is read once per token).
 
+At batch > 1 the ideal counts only the FFNs that *every* row of the batch skipped in a step
+(``s_all``): a weight read is saved only when no row runs the layer; an FFN that some rows skip and
+others run still streams its weights once. ``ideal_speedup_per_row`` (from the per-row skip ratio,
+the batch-1 formula) is reported beside it.
+
 ``speedup`` (c/b) and ``engine_vs_hf`` (b/a) are medians of per-repeat ratios of runs made back to
 back, which a machine whose speed drifts between repeats disturbs least; the ratios of the medians
 are reported beside them (``*_of_medians``).
@@ -17,13 +22,14 @@ import logging
 import resource
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .decode import SamplingParams, encode_prompt, generate
-from .engine import SeqStats, ffn_share
+from .engine import SeqStats, SkipController, ffn_share
 from .policy import SkipPolicy
 
 log = logging.getLogger(__name__)
@@ -98,17 +104,55 @@ def _hf_generate(model, tok, prompts: list[str], new_tokens: int) -> float:
     return len(prompts) * new_tokens / (time.perf_counter() - t0)
 
 
-def _ours(model, tok, ids, policy: SkipPolicy, new_tokens: int, fast: bool | None) -> tuple[float, SeqStats]:
+@dataclass
+class JointSkips:
+    """Batch-level skip accounting: layer-steps that every producing row of the batch skipped."""
+
+    layer_steps: int = 0
+    all_skipped: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return self.all_skipped / self.layer_steps if self.layer_steps else 0.0
+
+
+@contextmanager
+def count_joint_skips(acc: JointSkips):
+    """While active, every :meth:`SkipController.end_step` also counts, per layer, whether all rows
+    that produced a token skipped its FFN (the benchmark's instrumentation; host-side only)."""
+    orig = SkipController.end_step
+
+    def end_step(self, produced, syncs=0):
+        rows = [r for r in range(self.batch_size) if produced[r]]
+        if rows:
+            acc.layer_steps += self.num_layers
+            acc.all_skipped += sum(all(self._skip[r][i] for r in rows) for i in range(self.num_layers))
+        return orig(self, produced, syncs)
+
+    SkipController.end_step = end_step
+    try:
+        yield acc
+    finally:
+        SkipController.end_step = orig
+
+
+def _ours(model, tok, ids, policy: SkipPolicy, new_tokens: int, fast: bool | None, joint: JointSkips | None = None) -> tuple[float, SeqStats]:
     results = []
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     device = next(model.parameters()).device
     _sync(device)
     t0 = time.perf_counter()
-    for _ in generate(model, tok, ids, policy, params, results=results, fast=fast):
-        pass
+    with count_joint_skips(joint) if joint is not None else _nothing():
+        for _ in generate(model, tok, ids, policy, params, results=results, fast=fast):
+            pass
     _sync(device)
     dt = time.perf_counter() - t0
     return sum(r.stats.generated_tokens for r in results) / dt, SeqStats.merge([r.stats for r in results])
+
+
+@contextmanager
+def _nothing():
+    yield
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -141,6 +185,7 @@ def bench_speed(
     _ours(model, tok, ids, policy, 4, fast)
     hf, ours_dense, ours_skip = [], [], []
     skip_stats = dense_stats = None
+    joint = JointSkips()
     for i in range(repeats):
         # Odd repeats run in reverse order (a b c, c b a, ...): (b) and (c) always run back to
         # back, and a machine that drifts slower or faster over the run favours none of them.
@@ -152,14 +197,16 @@ def bench_speed(
                 tps, dense_stats = _ours(model, tok, ids, dense, new_tokens, fast)
                 ours_dense.append(tps)
             else:
-                tps, skip_stats = _ours(model, tok, ids, policy, new_tokens, fast)
+                joint = JointSkips()  # the last run's (every run decodes the same tokens)
+                tps, skip_stats = _ours(model, tok, ids, policy, new_tokens, fast, joint)
                 ours_skip.append(tps)
         if progress:
             progress(i + 1, repeats)
     a, b, c = Timing(hf), Timing(ours_dense), Timing(ours_skip)
     s = skip_stats.skip_ratio
     share = ffn_share(model)
-    ideal = 1.0 / (1.0 - s * share)
+    s_all = joint.ratio  # = s at batch 1
+    ideal = 1.0 / (1.0 - s_all * share)  # weight reads saved: FFNs that every row skipped
     # Ratios from paired runs (adjacent in time), then the median: on a shared machine whose
     # speed drifts between repeats this is steadier than a ratio of medians; both are reported.
     speedup = statistics.median(ci / bi for bi, ci in zip(ours_dense, ours_skip))
@@ -183,7 +230,9 @@ def bench_speed(
         "skip_tps": c.median,
         "skip_ratio": s,
         "skip_ratio_post_warmup": skip_stats.skip_ratio_post_warmup,
+        "skip_ratio_all_rows": s_all,
         "ideal_speedup": ideal,
+        "ideal_speedup_per_row": 1.0 / (1.0 - s * share),
         "speedup": speedup,
         "efficiency": speedup / ideal,
         "engine_vs_hf": engine_vs_hf,
@@ -208,7 +257,8 @@ def format_table(r: dict) -> str:
         t = r[key]
         lines.append(f"{name:28}{t['median']:>13.2f}{t['min']:>9.2f}{t['max']:>9.2f}")
     lines += [
-        f"skip ratio {r['skip_ratio']:.3f} (post warm-up {r['skip_ratio_post_warmup']:.3f}) | "
+        f"skip ratio {r['skip_ratio']:.3f} (post warm-up {r['skip_ratio_post_warmup']:.3f}, "
+        f"all rows {r['skip_ratio_all_rows']:.3f}) | "
         f"ideal speedup {r['ideal_speedup']:.3f}x | speedup c/b {r['speedup']:.3f}x | efficiency {r['efficiency']:.3f}",
         f"engine vs transformers b/a {r['engine_vs_hf']:.2f}x | host syncs/token {r['syncs_per_token']:.2f} "
         f"(dense {r['dense_syncs_per_token']:.2f}) | peak memory {r['peak_memory_mb']:.0f} MB",

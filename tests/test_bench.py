@@ -47,6 +47,7 @@ def test_bench_reports_every_field_consistently(batch_size):
         assert r[key] > 0, key
     assert r["skip_ratio"] == pytest.approx(3 * 8 / (8 * 10))  # 3 FFNs on each of 8 post-warm-up tokens
     assert r["ideal_speedup"] == pytest.approx(1 / (1 - r["skip_ratio"] * ffn_share(model)))
+    assert r["skip_ratio_all_rows"] == pytest.approx(r["skip_ratio"])  # threshold -1: every row skips the same FFNs
     assert r["efficiency"] == pytest.approx(r["speedup"] / r["ideal_speedup"])
     a, b, c = (r[k]["runs"] for k in ("hf_dense", "dense", "skip"))
     assert len(a) == len(b) == len(c) == 2
@@ -61,3 +62,15 @@ def test_weight_bytes_count_a_tied_head_once():
     model = tiny_model("gemma3_text")  # ties the LM head to the input embedding
     per_layer = sum(p.numel() for p in model.model.layers.parameters() if p.dim() == 2)
     assert matmul_weight_bytes(model) == 4 * (per_layer + model.lm_head.weight.numel())
+
+
+def test_the_ideal_at_batch_above_one_counts_only_the_ffns_every_row_skipped():
+    """Rows that skip different layers save no weight read where another row runs the FFN."""
+    model = tiny_model("llama", layers=8)
+    pol = SkipPolicy(threshold=0.9, layer_start=1, layer_end=7, warmup_tokens=1, skip_budget=3, dense_every=0)
+    r = bench_speed(model, Tok(), pol, batch_size=3, new_tokens=10, repeats=1, read_buffer_mb=16)
+    share = ffn_share(model)
+    assert 0 <= r["skip_ratio_all_rows"] < r["skip_ratio"]  # the rows split: fewer FFNs skipped by all
+    assert r["ideal_speedup"] == pytest.approx(1 / (1 - r["skip_ratio_all_rows"] * share))
+    assert r["ideal_speedup_per_row"] == pytest.approx(1 / (1 - r["skip_ratio"] * share))
+    assert r["efficiency"] == pytest.approx(r["speedup"] / r["ideal_speedup"])
