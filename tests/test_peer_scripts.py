@@ -220,7 +220,7 @@ def test_peer_run_end_to_end_with_a_tiny_model(fake_venv, monkeypatch):
     monkeypatch.setattr(peer_vllm.OurEngine, "load", classmethod(lambda cls, m, d, t: cls(model, TinyTokenizer())))
     monkeypatch.setattr(peer_vllm, "model_dir_for", lambda m: "/nowhere")
     monkeypatch.setattr(peer_vllm, "prompt_ids", lambda tok, b: [[3 + i, 4, 5] for i in range(b)])
-    monkeypatch.setattr(peer_vllm, "pause", lambda: None)
+    monkeypatch.setattr(peer_vllm, "SETTLE_S", 0.0)
     real = peer_vllm.OurEngine.generate
 
     def steady(self, prompts, n):  # a loaded shared machine must not make t_N < t_1 here
