@@ -255,12 +255,14 @@ def test_sigkill_of_the_driver_then_resume_loses_and_duplicates_nothing(drill_di
             assert first.proc.poll() is None, f"the study ended before the kill:\n{first.tail()}"
             assert time.monotonic() < deadline, f"no finished + running trial in 180 s: {counts}\n{first.tail()}"
             time.sleep(0.1)
-        at_kill = trial_counts(url, "sigkill")
-        completed_before = {r[0] for r in query(
-            url, "SELECT t.id FROM ffnskip_trials t WHERE t.status = 'completed'")}
         first.kill_session()
         left = first.reap(timeout=20)
         assert not left, f"processes outlived the SIGKILL of the driver's session: {left}"
+        # What the kill left, read after it (a trial can start or finish between the poll and the kill).
+        at_kill = trial_counts(url, "sigkill")
+        assert at_kill.get("completed", 0) >= 1 and at_kill.get("running", 0) >= 1, at_kill
+        completed_before = {r[0] for r in query(
+            url, "SELECT t.id FROM ffnskip_trials t WHERE t.status = 'completed'")}
         assert optuna_states(url, "sigkill").get("RUNNING", 0) >= 1  # what the kill left behind
 
         started = time.monotonic()
