@@ -8,7 +8,9 @@ alternating measurement as ``ffnskip bench speed`` -- then one table::
     .venv/bin/python benchmarks/speed.py --policy-json '{"threshold": 0.95, ...}' --json
 
 The policy defaults to the Performance issue's fp32 policy (``threshold: -1``, 28% FFNs skipped);
-``--calibrated`` adds a row per setting for a calibrated threshold (the README's). Prints the CPU
+``--calibrated`` adds a row per setting for a calibrated threshold (the README's); ``--compiled``
+adds, per row, the same measurement with the compiled decode layer (``ffnskip.compiled``,
+``FFNSKIP_COMPILE=1``), compiled before it is timed. Prints the CPU
 (model name and the ISA torch detected) so a figure is never quoted without its machine.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -48,6 +51,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--policy-json", default=json.dumps(ISSUE_POLICY))
     ap.add_argument("--calibrated", action="store_true", help=f"also the calibrated policy {json.dumps(CALIBRATED_POLICY)}")
+    ap.add_argument("--compiled", action="store_true", help="also each row with the compiled decode layer (FFNSKIP_COMPILE=1)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -68,10 +72,14 @@ def main(argv=None) -> int:
         model, tok = load_model(args.model, dtype=dtype, device=args.device)
         for bs in (int(b) for b in args.batch_sizes.split(",")):
             for name, pol in policies.items():
-                r = bench_speed(model, tok, SkipPolicy.from_dict(pol), batch_size=bs, new_tokens=args.new_tokens, repeats=args.repeats)
-                r.update(policy_name=name, policy=pol, layout="onednn-packed" if onednn_low_precision(model.dtype, args.device) else "panels")
-                rows.append(r)
-                print(f"  done {dtype} bs{bs} {name}", file=sys.stderr, flush=True)
+                layout = "onednn-packed" if onednn_low_precision(model.dtype, args.device) else "panels"
+                for compiled in (False, True) if args.compiled else (False,):
+                    os.environ["FFNSKIP_COMPILE"] = "1" if compiled else "0"  # read by each decode session
+                    r = bench_speed(model, tok, SkipPolicy.from_dict(pol), batch_size=bs, new_tokens=args.new_tokens, repeats=args.repeats)
+                    r.update(policy_name=name, policy=pol, layout=layout + (" + compiled" if compiled else ""))
+                    rows.append(r)
+                    print(f"  done {dtype} bs{bs} {name}{' compiled' if compiled else ''}", file=sys.stderr, flush=True)
+                os.environ.pop("FFNSKIP_COMPILE", None)
         del model
     cpu = {"cpu": cpu_name(), "isa": str(torch.backends.cpu.get_cpu_capability()), "threads": torch.get_num_threads(), "torch": torch.__version__}
     if args.json:

@@ -213,7 +213,7 @@ class _Mat:
     ``F.linear``, which transformers calls (tested); ``bmm`` over bf16 panels runs ~2x slower on
     the AMD EPYC (Zen 4) here, and the LM head ~3x."""
 
-    __slots__ = ("panels", "bias", "weight", "_packable", "_packed")
+    __slots__ = ("panels", "bias", "weight", "_packable", "_packed", "_handle", "__weakref__")
 
     def __init__(self, panels: torch.Tensor | None, bias: torch.Tensor | None = None, packed=None, weight=None) -> None:
         self.panels = panels  # [p, in, out/p], or None when only a packed or the plain weight is kept
@@ -221,6 +221,7 @@ class _Mat:
         self.weight = weight  # [out, in] for F.linear (bf16/fp16 without oneDNN's kernels), else None
         self._packable = _ONEDNN and panels is not None and panels.device.type == "cpu" and panels.dtype == torch.float32
         self._packed = packed  # oneDNN's packed [out, in] weight (opaque layout)
+        self._handle = None  # ffnskip.compiled's handle, once a compiled layer used it
 
     @staticmethod
     def of(w: torch.Tensor, p: int, bias: torch.Tensor | None = None) -> "_Mat":
@@ -346,9 +347,14 @@ class FastDecoder:
             return f"an unexpected layer layout ({exc})"
         return None
 
-    def __init__(self, model: nn.Module, batch_size: int, max_len: int, padded: bool) -> None:
+    def __init__(self, model: nn.Module, batch_size: int, max_len: int, padded: bool, compiled: bool | None = None) -> None:
         self.model = model
         self.padded = padded  # some row is left-padded: attention needs the mask
+        if compiled is None:
+            from .compiled import compiled_requested
+
+            compiled = compiled_requested()
+        self.compiled = compiled  # layers through ffnskip.compiled (opt-in: FFNSKIP_COMPILE=1)
         cfg = model.config
         adapter = get_adapter(model)
         self.lay = lay = adapter.fast
@@ -479,7 +485,15 @@ class FastDecoder:
         # Padding: a boolean mask [B, 1, 1, N] (broadcast over the packed query heads); none without.
         mask = attention_mask[:, None, None, : col + 1].bool() if self.padded else None  # [B, 1, 1, n]
         whole = ctl.whole_layer
+        compiled = self.compiled and not whole
         for i, lw in enumerate(self.layers):
+            if compiled:
+                split = ctl.row_split(i)  # host only: the plan the earlier layers' tests left
+                if split.none or split.all:  # the whole batch runs (or skips) this FFN: one graph
+                    h, x = self._compiled_layer(lw, x, cos, sin, i, col, mask, ffn=split.none)
+                    if ctl.testing:
+                        ctl.observe(i, h, x)
+                    continue
             x_in = x
             hn = _rms_norm(x, lw.in_norm, self.eps)  # [B, 1, D]
             qkv = lw.qkv(hn).view(B, H + 2 * Hkv, hd)  # [B, H + 2Hkv, hd]
@@ -512,5 +526,20 @@ class FastDecoder:
                 ctl.observe(i, h, x)
         x = self.final_norm(x)  # [B, 1, D]
         head, bias = self.head
+        return self._head(x, head, bias)
+
+    def _compiled_layer(self, lw: _Layer, x, cos, sin, i: int, col: int, mask, ffn: bool):
+        """Layer ``i`` through :mod:`ffnskip.compiled` -> (h, x): the residual before / after the FFN."""
+        from . import compiled as cm
+
+        fn = cm.layer_fn(x.dtype, self.n_heads, self.n_kv, self.head_dim, self.scaling, self.eps, ffn,
+                         mask is not None, lw.qk_norm is not None)
+        hd, H, Hkv = self.head_dim, self.n_heads, self.n_kv
+        return fn(x, lw.in_norm, lw.post_norm, lw.qk_norm, cm.handle(lw.qkv), cm.handle(lw.o), cm.handle(lw.gate_up),
+                  cm.handle(lw.down), (H + 2 * Hkv) * hd, x.shape[-1], 2 * self.model.config.intermediate_size, cos, sin, self.k[i], self.v[i],
+                  col, mask)
+
+    @staticmethod
+    def _head(x, head, bias):
         logits = head(x)[:, -1, :]  # [B, V]
         return logits if bias is None else logits + bias
