@@ -28,6 +28,7 @@ import psutil
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import proctrack  # noqa: E402
 from test_reliability_study import report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,12 +110,7 @@ class Server:
         self.seen: set[tuple[int, float]] = set()
 
     def track(self) -> None:
-        try:
-            root = psutil.Process(self.proc.pid)
-            for p in [root, *root.children(recursive=True)]:
-                self.seen.add((p.pid, p.create_time()))
-        except psutil.NoSuchProcess:
-            pass
+        self.seen |= proctrack.tree(self.proc.pid)
 
     def wait_healthy(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
@@ -147,15 +143,7 @@ class Server:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 pass
-        left = []
-        for pid, created in self.seen:
-            try:
-                p = psutil.Process(pid)
-                if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
-                    left.append(f"{pid} {' '.join(p.cmdline())[:100]}")
-                    p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        left = proctrack.kill_all(self.seen)
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)

@@ -27,6 +27,7 @@ import sqlalchemy as sa
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import proctrack  # noqa: E402
 from test_multinode import make_working_dir, session_pids  # noqa: E402
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the drills signal Linux process sessions")
@@ -108,22 +109,11 @@ class Driver:
                 procs.append(psutil.Process(pid))
             except psutil.NoSuchProcess:
                 pass
-        for p in procs:
-            try:
-                self.seen.add((p.pid, p.create_time()))
-            except psutil.NoSuchProcess:
-                pass
+        self.seen |= proctrack.note(procs)
 
     def survivors(self) -> list[str]:
         """Processes it started that are still alive (zombies count as gone)."""
-        left = []
-        for pid, created in self.seen:
-            try:
-                p = psutil.Process(pid)
-                if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
-                    left.append(f"{pid} {' '.join(p.cmdline())[:120]}")
-            except psutil.NoSuchProcess:
-                pass
+        left = [proctrack.describe(p) for p in proctrack.alive(self.seen)]
         left += [f"{pid} (session {self.sid})" for pid in session_pids(self.sid)
                  if _alive(pid) and not any(s.startswith(f"{pid} ") for s in left)]
         return left
@@ -155,13 +145,7 @@ class Driver:
         while left and time.monotonic() < deadline:
             time.sleep(0.3)
             left = self.survivors()
-        for pid, created in self.seen:
-            try:
-                p = psutil.Process(pid)
-                if p.create_time() == created:
-                    p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        proctrack.kill_all(self.seen)
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)

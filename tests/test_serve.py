@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import proctrack
 import psutil
 import pytest
 
@@ -70,11 +71,7 @@ class Server:
         return httpx.Client(base_url=self.url, headers=headers, timeout=kw.pop("timeout", 180.0), **kw)
 
     def descendants(self) -> set:
-        try:
-            found = {(p.pid, p.create_time()) for p in psutil.Process(self.proc.pid).children(recursive=True)}
-        except psutil.NoSuchProcess:
-            found = set()
-        self.seen |= found
+        self.seen |= proctrack.tree(self.proc.pid, include_root=False)
         return self.seen
 
     def log_tail(self, n: int = 60) -> str:
@@ -124,13 +121,7 @@ def server(tmp_path_factory):
                 proc.wait(120)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        for pid, created in srv.seen:
-            try:
-                p = psutil.Process(pid)
-                if p.create_time() == created:
-                    p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        proctrack.kill_all(srv.seen)
 
 
 def _assert_error(r: httpx.Response, status: int | tuple, param: str | None = "any") -> dict:
@@ -482,14 +473,7 @@ def test_sigterm_shuts_down_and_leaves_no_ray_process(server):
     assert server.proc.wait(120) == 0, server.log_tail()
     deadline = time.monotonic() + 60
     while True:
-        alive = []
-        for pid, created in procs:
-            try:
-                p = psutil.Process(pid)
-                if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append((pid, p.name()))
-            except psutil.NoSuchProcess:
-                pass
+        alive = [proctrack.describe(p) for p in proctrack.alive(procs)]
         if not alive:
             break
         assert time.monotonic() < deadline, f"left behind: {alive}"
