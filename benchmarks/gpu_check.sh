@@ -7,7 +7,9 @@
 #      torch.cuda.set_sync_debug_mode("error") (any uncounted host synchronisation fails it), and
 #      the engine/bf16 tests with CUDA visible -> tests.txt
 #   3. the side-by-side speed figures (bf16, batch 1 and 8, dense and the issue's policy, plus a
-#      calibrated threshold) -> speed.md / speed.json
+#      calibrated threshold), each beside the compiled layer (FFNSKIP_COMPILE=1, ffnskip/compiled.py:
+#      on a GPU every eager op is a kernel launch, where fusing may pay off) -> speed.md / speed.json
+#      and tests/test_compiled.py on CUDA-visible torch -> tests.txt
 # CUDA graphs are not used by the decode step (not adopted), so there is nothing of theirs to check.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -61,10 +63,10 @@ sys.exit(1 if bad else 0)
 PYEOF
 
 # 2. the sync-debug test and the exactness tests with CUDA visible
-"$PY" -m pytest -q -rs tests/test_sync.py tests/test_engine.py tests/test_bf16.py 2>&1 | tee "$OUT/tests.txt"
+"$PY" -m pytest -q -rs tests/test_sync.py tests/test_engine.py tests/test_bf16.py tests/test_compiled.py 2>&1 | tee "$OUT/tests.txt"
 
 # 3. side-by-side figures, bf16 on the GPU (the lagged rule: one host synchronisation per token)
-"$PY" benchmarks/speed.py --device cuda --dtypes bfloat16 --batch-sizes 1,8 --repeats 3 --calibrated | tee "$OUT/speed.md"
+"$PY" benchmarks/speed.py --device cuda --dtypes bfloat16 --batch-sizes 1,8 --repeats 3 --calibrated --compiled | tee "$OUT/speed.md"
 "$PY" -m ffnskip.cli bench speed --model smollm2-135m --device cuda --dtype bfloat16 --new-tokens 64 --repeats 3 --json \
   --policy-json '{"mode": "adaptive", "lagged": true, "threshold": 0.9, "layer_start": 5, "layer_end": 25, "warmup_tokens": 4, "skip_budget": 9, "dense_every": 0}' \
   | tee "$OUT/bench_lagged.json"
