@@ -73,13 +73,15 @@ def main(argv=None) -> int:
         for bs in (int(b) for b in args.batch_sizes.split(",")):
             for name, pol in policies.items():
                 layout = "onednn-packed" if onednn_low_precision(model.dtype, args.device) else "panels"
-                for compiled in (False, True) if args.compiled else (False,):
-                    os.environ["FFNSKIP_COMPILE"] = "1" if compiled else "0"  # read by each decode session
+                for compiled in (False, True) if args.compiled else (None,):
+                    if compiled is not None:  # read by each decode session
+                        os.environ["FFNSKIP_COMPILE"] = "1" if compiled else "0"
                     r = bench_speed(model, tok, SkipPolicy.from_dict(pol), batch_size=bs, new_tokens=args.new_tokens, repeats=args.repeats)
                     r.update(policy_name=name, policy=pol, layout=layout + (" + compiled" if compiled else ""))
                     rows.append(r)
                     print(f"  done {dtype} bs{bs} {name}{' compiled' if compiled else ''}", file=sys.stderr, flush=True)
-                os.environ.pop("FFNSKIP_COMPILE", None)
+                if args.compiled:
+                    os.environ.pop("FFNSKIP_COMPILE", None)
         del model
     cpu = {"cpu": cpu_name(), "isa": str(torch.backends.cpu.get_cpu_capability()), "threads": torch.get_num_threads(), "torch": torch.__version__}
     if args.json:

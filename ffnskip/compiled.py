@@ -37,6 +37,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .fastpath import _rms_norm, _rotate_half  # the eager layer's own ops, so the same arithmetic
+
 log = logging.getLogger(__name__)
 
 __all__ = ["compiled_requested", "handle", "layer_fn"]
@@ -76,17 +78,6 @@ def handle(mat) -> torch.Tensor:
     return h
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.dim() == 1:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    return weight * F.rms_norm(x.to(torch.float32), (x.shape[-1],), None, eps).to(x.dtype)
-
-
 def _make(H: int, Hkv: int, hd: int, scale: float, eps: float, ffn: bool, masked: bool, qk_normed: bool):
     n_rep = H // Hkv
 
@@ -94,11 +85,11 @@ def _make(H: int, Hkv: int, hd: int, scale: float, eps: float, ffn: bool, masked
               cos, sin, kc, vc, col: int, mask):
         # x [B, 1, D]; cos/sin [B, 1, hd]; kc/vc [B, Hkv, cap, hd]; mask [B, 1, 1, col + 1] or None
         B = x.shape[0]
-        hn = _rms(x, in_norm, eps)  # [B, 1, D]
+        hn = _rms_norm(x, in_norm, eps)  # [B, 1, D]
         qkv = fast_linear(hn.reshape(B, -1), h_qkv, q_out).view(B, H + 2 * Hkv, hd)  # [B, H + 2Hkv, hd]
         qk = qkv[:, : H + Hkv]
         if qk_normed:
-            qk = _rms(qk, qk_norm, eps)
+            qk = _rms_norm(qk, qk_norm, eps)
         qk = (qk * cos) + (_rotate_half(qk) * sin)  # RoPE, q and k heads together
         at = torch.full((1,), col, dtype=torch.long, device=x.device)
         kc.index_copy_(2, at, qk[:, H:].unsqueeze(2))  # [B, Hkv, 1, hd] written at column col
@@ -109,7 +100,7 @@ def _make(H: int, Hkv: int, hd: int, scale: float, eps: float, ffn: bool, masked
         h = x + fast_linear(o.reshape(B, H * hd), h_o, d_out).view(B, 1, d_out)  # [B, 1, D]
         if not ffn:
             return h, h
-        gu = fast_linear(_rms(h, post_norm, eps).reshape(B, -1), h_gu, gu_out)  # [B, 2I]
+        gu = fast_linear(_rms_norm(h, post_norm, eps).reshape(B, -1), h_gu, gu_out)  # [B, 2I]
         gate, up = gu.chunk(2, dim=-1)
         return h, h + fast_linear(F.silu(gate) * up, h_down, d_out).view(B, 1, d_out)
 

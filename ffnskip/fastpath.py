@@ -355,6 +355,7 @@ class FastDecoder:
 
             compiled = compiled_requested()
         self.compiled = compiled  # layers through ffnskip.compiled (opt-in: FFNSKIP_COMPILE=1)
+        self._compiled = None  # (sizes, per-layer weight handles, graph per (ffn, masked)), on first use
         cfg = model.config
         adapter = get_adapter(model)
         self.lay = lay = adapter.fast
@@ -526,20 +527,21 @@ class FastDecoder:
                 ctl.observe(i, h, x)
         x = self.final_norm(x)  # [B, 1, D]
         head, bias = self.head
-        return self._head(x, head, bias)
+        logits = head(x)[:, -1, :]  # [B, V]
+        return logits if bias is None else logits + bias
 
     def _compiled_layer(self, lw: _Layer, x, cos, sin, i: int, col: int, mask, ffn: bool):
         """Layer ``i`` through :mod:`ffnskip.compiled` -> (h, x): the residual before / after the FFN."""
         from . import compiled as cm
 
-        fn = cm.layer_fn(x.dtype, self.n_heads, self.n_kv, self.head_dim, self.scaling, self.eps, ffn,
-                         mask is not None, lw.qk_norm is not None)
-        hd, H, Hkv = self.head_dim, self.n_heads, self.n_kv
-        return fn(x, lw.in_norm, lw.post_norm, lw.qk_norm, cm.handle(lw.qkv), cm.handle(lw.o), cm.handle(lw.gate_up),
-                  cm.handle(lw.down), (H + 2 * Hkv) * hd, x.shape[-1], 2 * self.model.config.intermediate_size, cos, sin, self.k[i], self.v[i],
-                  col, mask)
-
-    @staticmethod
-    def _head(x, head, bias):
-        logits = head(x)[:, -1, :]  # [B, V]
-        return logits if bias is None else logits + bias
+        if self._compiled is None:  # once per decoder: the weights' handles and the static sizes
+            sizes = ((self.n_heads + 2 * self.n_kv) * self.head_dim, x.shape[-1], 2 * self.model.config.intermediate_size)
+            handles = [tuple(cm.handle(m) for m in (w.qkv, w.o, w.gate_up, w.down)) for w in self.layers]
+            self._compiled = (sizes, handles, {})
+        sizes, handles, fns = self._compiled
+        key = (ffn, mask is not None)  # a joining row can make the batch padded mid-way
+        fn = fns.get(key)
+        if fn is None:
+            fn = fns[key] = cm.layer_fn(x.dtype, self.n_heads, self.n_kv, self.head_dim, self.scaling, self.eps, ffn,
+                                        mask is not None, lw.qk_norm is not None)
+        return fn(x, lw.in_norm, lw.post_norm, lw.qk_norm, *handles[i], *sizes, cos, sin, self.k[i], self.v[i], col, mask)
