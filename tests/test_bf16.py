@@ -66,7 +66,9 @@ def test_the_kv_cache_and_the_layout_follow_the_dtype():
     assert fd.k[0].dtype == fd.v[0].dtype == torch.bfloat16
     packed = onednn_low_precision(torch.bfloat16)
     assert packed == bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    assert (fd.layers[0].qkv.panels is None) == packed  # oneDNN's packed weight only, or the panels
+    qkv = fd.layers[0].qkv
+    assert qkv.panels is None  # bf16 never keeps panels
+    assert (qkv.weight is None) == packed  # oneDNN's packed weight only, or the weight itself for F.linear (no AVX512_BF16/AMX)
     model.float()  # the same Parameters in another dtype: the cached layout is rebuilt
     fd = FastDecoder(model, 1, 32, padded=False)
     assert fd.layers[0].qkv.panels is not None and fd.layers[0].qkv.panels.dtype == torch.float32
