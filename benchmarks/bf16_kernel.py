@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--iters", type=int, default=50)
     args = ap.parse_args()
-    flags = open("/proc/cpuinfo").read()
+    flags = Path("/proc/cpuinfo").read_text()
     if " avx2 " not in flags or " fma " not in flags:
         raise SystemExit("bf16_kernel: this CPU has no AVX2 + FMA")
     ext = build()
