@@ -1,36 +1,25 @@
-"""Prototype (not wired into the engine yet): an AVX2 + FMA bf16 linear for small row counts,
-measured beside F.linear in bf16 and in fp32 on this model's matmul shapes.
+"""The fast path's AVX2 + FMA bf16 linear (ffnskip.kernels) for small row counts, measured beside
+F.linear in bf16 and in fp32 on SmolLM2-135M's matmul shapes.
 
 On x86-64 CPUs without AVX512_BF16/AMX, oneDNN has no native bf16 kernel and F.linear in bf16 runs
-at or below fp32 speed; this kernel (benchmarks/kernels/bf16_gemm_avx2.cpp) widens bf16 weights
-with a shift and sums in fp32 with FMA over a [N/16, K, 16] packed copy, on torch's own threads.
+at or below fp32 speed; this kernel (ffnskip/csrc/bf16_linear_avx2.cpp) widens bf16 weights with
+a shift and sums in fp32 with FMA over a [N/16, K, 16] packed copy, on torch's own threads.
 
-    python benchmarks/bf16_kernel.py            # builds the extension once (~70 s), then times it
+    python benchmarks/bf16_kernel.py            # builds the kernel once if needed, then times it
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ffnskip import kernels
+
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)]  # SmolLM2-135M: qkv, o, gate_up, down, head
-
-
-def build():
-    from torch.utils.cpp_extension import load
-
-    src = Path(__file__).with_name("kernels") / "bf16_gemm_avx2.cpp"
-    return load("ffnskip_bf16_avx2", [str(src)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
-
-
-def pack(w: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> [N/16, K, 16]: each block of 16 output columns, input-major, contiguous."""
-    n, k = w.shape
-    return w.view(n // 16, 16, k).transpose(1, 2).contiguous()
 
 
 def timeit(f, n: int) -> float:
@@ -47,21 +36,20 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--iters", type=int, default=50)
     args = ap.parse_args()
-    flags = Path("/proc/cpuinfo").read_text()
-    if " avx2 " not in flags or " fma " not in flags:
-        raise SystemExit("bf16_kernel: this CPU has no AVX2 + FMA")
-    ext = build()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not kernels.load_avx2_bf16():
+        raise SystemExit(f"bf16_kernel: the AVX2 bf16 kernel cannot run here: {kernels.avx2_bf16_error()}")
     torch.manual_seed(0)
     print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print("| N x K | rows | kernel us (GB/s) | F.linear bf16 us | F.linear fp32 us | outputs != F.linear bf16 |")
     print("| --- | --- | --- | --- | --- | --- |")
     for n, k in SHAPES:
         w = torch.randn(n, k).bfloat16()
-        wp, w32, bias = pack(w), w.float(), torch.randn(n).bfloat16()
+        wp, w32, bias = kernels.pack(w), w.float(), torch.randn(n).bfloat16()
         for m in args.rows:
             x = torch.randn(m, k).bfloat16()
-            differ = (ext.linear(x, wp, bias) != F.linear(x, w, bias)).float().mean().item()
-            a = timeit(lambda: ext.linear(x, wp, bias), args.iters)
+            differ = (kernels.linear(x, wp, bias) != F.linear(x, w, bias)).float().mean().item()
+            a = timeit(lambda: kernels.linear(x, wp, bias), args.iters)
             b = timeit(lambda: F.linear(x, w, bias), max(5, args.iters // 5))
             c = timeit(lambda: F.linear(x.float(), w32, bias.float()), max(5, args.iters // 5))
             print(f"| {n} x {k} | {m} | {a:.0f} ({n * k * 2 / a / 1e3:.1f}) | {b:.0f} | {c:.0f} | {differ:.2%} |")

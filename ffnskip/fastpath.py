@@ -20,8 +20,10 @@ float rounding and greedy output is token-identical to transformers in the tests
   copy of the matmul weights (about 0.5 GB for SmolLM2-135M in fp32);
 * in bf16 (fp16) on a CPU with AVX512_BF16 / AMX (AVX512_FP16 / AMX-FP16) every matmul instead
   reads oneDNN's pre-packed weight, which gives ``F.linear``'s bits (so transformers' greedy
-  tokens in the same dtype, tested) at about twice the panels' speed; without those
-  instructions, and on CUDA, bf16/fp16 call ``F.linear`` on the model's weight (see ``_Mat``);
+  tokens in the same dtype, tested) at about twice the panels' speed; in bf16 on an x86-64 CPU
+  with AVX2 + FMA but without those instructions (AMD Zen 3), ffnskip's own AVX2 kernel
+  (:mod:`ffnskip.kernels`, F.linear's rounding points); elsewhere, and on CUDA, bf16/fp16 call
+  ``F.linear`` on the model's weight (see ``_Mat`` and :func:`matmul_backend`);
 * attention packs the query heads per K/V head ([B, Hkv, n_rep, hd] against [B, Hkv, n, hd]):
   the same result per query as SDPA's GQA, and in bf16 on CPU about 10x faster per layer;
 
@@ -81,10 +83,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def numerics_key(device: torch.device | str = "cpu") -> dict:
+def numerics_key(device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> dict:
     """Everything besides the model, the inputs and the code that can change the bits of a decode:
     panel and thread counts, torch's CPU capability, the CPU itself (its BLAS/oneDNN kernel choice
-    depends on the ISA: AVX2, AVX-512, AMX), and the accelerator's name."""
+    depends on the ISA: AVX2, AVX-512, AMX), the accelerator's name and, given the model's
+    ``dtype``, which kernel its matmuls run (:func:`matmul_backend`)."""
     device = torch.device(device)
     key = {
         "device": device.type,
@@ -96,6 +99,8 @@ def numerics_key(device: torch.device | str = "cpu") -> dict:
     }
     if device.type == "cuda":
         key["accelerator"] = torch.cuda.get_device_name(device)
+    if dtype is not None:
+        key["matmul"] = matmul_backend(dtype, device)
     return key
 
 
@@ -197,6 +202,41 @@ def onednn_low_precision(dtype: torch.dtype, device: torch.device | str = "cpu")
     return False
 
 
+def matmul_backend(dtype: torch.dtype, device: torch.device | str = "cpu") -> str:
+    """Which kernel the fast path's matmuls in ``dtype`` run on ``device``:
+
+    * ``"panels"``: fp32 (and fp32 on accelerators): column panels, oneDNN's packed fp32 weight
+      for several rows on CPU (``_Mat``);
+    * ``"onednn"``: bf16/fp16 on a CPU with the instructions (:func:`onednn_low_precision`);
+    * ``"avx2"``: bf16 on an x86-64 CPU with AVX2 + FMA and without them: :mod:`ffnskip.kernels`
+      (built on first use; if the build fails, logged, ``"aten"``);
+    * ``"aten"``: ``F.linear`` on the model's weight (CUDA, fp16 without AVX512_FP16, other CPUs).
+
+    ``FFNSKIP_BF16_KERNEL`` (``auto``, ``onednn``, ``avx2``, ``aten``) forces the bf16 choice on
+    CPU; a forced kernel the CPU cannot run is an error that names the variable."""
+    from . import kernels
+
+    device = torch.device(device)
+    if dtype == torch.float32:
+        return "panels"
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return "onednn" if onednn_low_precision(dtype, device) else "aten"
+    want = kernels.requested()
+    if want == "aten":
+        return "aten"
+    if want == "onednn":
+        if not onednn_low_precision(dtype, device):
+            raise RuntimeError(f"{kernels.ENV}=onednn: oneDNN has no native bf16 kernel on this CPU (no AVX512_BF16 or AMX)")
+        return "onednn"
+    if want == "auto" and onednn_low_precision(dtype, device):
+        return "onednn"
+    if kernels.load_avx2_bf16():
+        return "avx2"
+    if want == "avx2":
+        raise RuntimeError(f"{kernels.ENV}=avx2: the AVX2 bf16 kernel cannot run here ({kernels.avx2_bf16_error()})")
+    return "aten"
+
+
 class _Mat:
     """One matmul weight of the fast path.
 
@@ -207,18 +247,21 @@ class _Mat:
     more copy of the weight, only once a batch has run.
 
     bf16/fp16 on a CPU with the instructions (:func:`onednn_low_precision`): only oneDNN's
-    pre-packed weight, for every row count (no panels are kept); without them (and on CUDA) the
-    weight itself through ``F.linear``. oneDNN's bf16 kernels
+    pre-packed weight, for every row count (no panels are kept); bf16 without them on an AVX2 CPU:
+    :mod:`ffnskip.kernels`' packed ``[out/16, in, 16]`` copy; otherwise (and on CUDA) the
+    weight itself through ``F.linear`` (:func:`matmul_backend` says which). oneDNN's bf16 kernels
     (AVX512_BF16 ``vdpbf16ps``, AMX tiles) accumulate in fp32 and give the same bits as
     ``F.linear``, which transformers calls (tested); ``bmm`` over bf16 panels runs ~2x slower on
     the AMD EPYC (Zen 4) here, and the LM head ~3x."""
 
-    __slots__ = ("panels", "bias", "weight", "_packable", "_packed", "_handle", "__weakref__")
+    __slots__ = ("panels", "bias", "weight", "_avx2", "_packable", "_packed", "_handle", "__weakref__")
 
-    def __init__(self, panels: torch.Tensor | None, bias: torch.Tensor | None = None, packed=None, weight=None) -> None:
+    def __init__(self, panels: torch.Tensor | None, bias: torch.Tensor | None = None, packed=None, weight=None,
+                 avx2: torch.Tensor | None = None) -> None:
         self.panels = panels  # [p, in, out/p], or None when only a packed or the plain weight is kept
         self.bias = bias  # [out] or None, added after the matmul
         self.weight = weight  # [out, in] for F.linear (bf16/fp16 without oneDNN's kernels), else None
+        self._avx2 = avx2  # [out/16, in, 16] bf16 for ffnskip.kernels.linear, else None
         self._packable = _ONEDNN and panels is not None and panels.device.type == "cpu" and panels.dtype == torch.float32
         self._packed = packed  # oneDNN's packed [out, in] weight (opaque layout)
         self._handle = None  # ffnskip.compiled's handle, once a compiled layer used it
@@ -226,13 +269,19 @@ class _Mat:
     @staticmethod
     def of(w: torch.Tensor, p: int, bias: torch.Tensor | None = None) -> "_Mat":
         """The fast path's copy of a linear weight ``w`` [out, in] for ``p`` panels: fp32 as panels;
-        bf16/fp16 as oneDNN's packed weight where the CPU has the instructions, else the weight
-        itself for ``F.linear`` (transformers' kernel, so its rounding: bf16/fp16 accumulate
-        differently per kernel, and panels lost greedy parity in fp16 in the tests)."""
-        if w.dtype == torch.float32:
+        bf16/fp16 as oneDNN's packed weight where the CPU has the instructions, bf16 on other AVX2
+        CPUs as the AVX2 kernel's packed weight, else the weight itself for ``F.linear``
+        (transformers' kernel, so its rounding: bf16/fp16 accumulate differently per kernel, and
+        panels lost greedy parity in fp16 in the tests). :func:`matmul_backend` chooses."""
+        backend = matmul_backend(w.dtype, w.device)
+        if backend == "panels":
             return _Mat(_panels(w, p), bias)
-        if onednn_low_precision(w.dtype, w.device):  # the bias goes into oneDNN's epilogue, as in F.linear
+        if backend == "onednn":  # the bias goes into oneDNN's epilogue, as in F.linear
             return _Mat(None, bias, packed=torch.ops.mkldnn._reorder_linear_weight(w.contiguous()))
+        if backend == "avx2" and w.shape[0] % 16 == 0:  # the bias is added in fp32 before the one rounding
+            from . import kernels
+
+            return _Mat(None, None if bias is None else bias.contiguous(), avx2=kernels.pack(w))
         return _Mat(None, bias, weight=w.contiguous())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -241,6 +290,9 @@ class _Mat:
             if self.weight is not None:
                 return F.linear(x, self.weight, self.bias)  # [R, 1, out]
             R, _, k = x.shape
+            if self._avx2 is not None:
+                y = torch.ops.ffnskip.bf16_linear_avx2(x.reshape(R, k), self._avx2, self.bias)  # [R, out]
+                return y.view(R, 1, y.shape[-1])
             y = torch.ops.mkldnn._linear_pointwise(x.reshape(R, k), self._packed, self.bias, "none", [], "")  # [R, out]
             return y.view(R, 1, y.shape[-1])
         y = self._matmul(x)
@@ -287,7 +339,8 @@ def _layer_panels(layer: nn.Module, lay: FastLayout, ffn: nn.Module, p: int) -> 
     a = get_path(layer, lay.attn)
     q, k, v, o = (get_path(a, n) for n in (lay.q, lay.k, lay.v, lay.o))
     gate, up, down = (get_path(ffn, n) for n in (lay.gate, lay.up, lay.down))
-    key = ((p, q.weight.dtype, q.weight.device), q.weight, o.weight, gate.weight, down.weight)  # .to() keeps the Parameters
+    kind = (p, q.weight.dtype, q.weight.device, matmul_backend(q.weight.dtype, q.weight.device))
+    key = (kind, q.weight, o.weight, gate.weight, down.weight)  # .to() keeps the Parameters
     cached = getattr(layer, "_ffnskip_panels", None)
     if cached is None or cached[0][0] != key[0] or any(x is not y for x, y in zip(cached[0][1:], key[1:])):
         with torch.no_grad():
@@ -304,9 +357,10 @@ def _head_panels(model: nn.Module, lay: FastLayout, p: int) -> tuple[_Mat, torch
     """The LM head as panels [p, D, V/p] (and its bias), cached on the model like the layers'."""
     head = get_path(model, lay.lm_head)
     cached = getattr(model, "_ffnskip_head", None)
-    if cached is None or cached[0] is not head.weight or cached[1] != (p, head.weight.dtype, head.weight.device):
+    kind = (p, head.weight.dtype, head.weight.device, matmul_backend(head.weight.dtype, head.weight.device))
+    if cached is None or cached[0] is not head.weight or cached[1] != kind:
         with torch.no_grad():
-            cached = (head.weight, (p, head.weight.dtype, head.weight.device), _Mat.of(head.weight, p), getattr(head, "bias", None))
+            cached = (head.weight, kind, _Mat.of(head.weight, p), getattr(head, "bias", None))
         model._ffnskip_head = cached
     return cached[2], cached[3]
 

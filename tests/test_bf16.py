@@ -1,8 +1,10 @@
 """The fast path in bf16 (and fp16): greedy parity with transformers in the same dtype (CPU, tiny models).
 
 On a CPU with AVX512_BF16 or AMX the bf16 matmuls run on oneDNN's pre-packed weights
-(``ffnskip.fastpath.onednn_low_precision``); elsewhere, and in fp16 on a CPU without AVX512_FP16,
-on the column panels. Either way the dense greedy tokens must be transformers'.
+(``ffnskip.fastpath.onednn_low_precision``); on other x86-64 CPUs with AVX2 + FMA on ffnskip's
+AVX2 kernel (``ffnskip.kernels``, tested on its own in test_kernels.py); elsewhere, and in fp16
+on a CPU without AVX512_FP16, through F.linear. Either way the dense greedy tokens must be
+transformers'.
 """
 
 import pytest
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 from tiny import TinyTokenizer, tiny_model
 
 from ffnskip import SamplingParams, SkipPolicy, generate
-from ffnskip.fastpath import FastDecoder, _Mat, _rms_norm, onednn_low_precision
+from ffnskip.fastpath import FastDecoder, _Mat, _rms_norm, matmul_backend, onednn_low_precision
 
 TOK = TinyTokenizer()
 PROMPTS = [[5, 17, 33, 2, 90, 41], [7, 7, 120], [200, 3, 64, 9, 11, 150, 31, 8, 77]]  # unequal: padded
@@ -68,7 +70,11 @@ def test_the_kv_cache_and_the_layout_follow_the_dtype():
     assert packed == bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     qkv = fd.layers[0].qkv
     assert qkv.panels is None  # bf16 never keeps panels
-    assert (qkv.weight is None) == packed  # oneDNN's packed weight only, or the weight itself for F.linear (no AVX512_BF16/AMX)
+    backend = matmul_backend(torch.bfloat16)
+    assert backend == "onednn" if packed else backend in ("avx2", "aten")
+    # One copy per kernel: oneDNN's packed weight, the AVX2 kernel's, or the weight itself for F.linear.
+    assert [qkv._packed is not None, qkv._avx2 is not None, qkv.weight is not None] == [
+        backend == "onednn", backend == "avx2", backend == "aten"]
     model.float()  # the same Parameters in another dtype: the cached layout is rebuilt
     fd = FastDecoder(model, 1, 32, padded=False)
     assert fd.layers[0].qkv.panels is not None and fd.layers[0].qkv.panels.dtype == torch.float32
@@ -76,9 +82,12 @@ def test_the_kv_cache_and_the_layout_follow_the_dtype():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 3, 8])
-def test_a_matmul_gives_f_linear_bits(dtype, rows):
+def test_a_matmul_gives_f_linear_bits(dtype, rows, monkeypatch):
     """The fast path's matmul in bf16/fp16 (with a bias) is F.linear's to the bit: oneDNN's packed
-    weight where the CPU has the instructions, else F.linear itself; fp32 keeps the panels."""
+    weight where the CPU has the instructions, else F.linear itself; fp32 keeps the panels. (The
+    AVX2 bf16 kernel sums in its own order: within one bf16 rounding, in test_kernels.py.)"""
+    if matmul_backend(dtype) == "avx2":
+        monkeypatch.setenv("FFNSKIP_BF16_KERNEL", "aten")
     torch.manual_seed(0)
     w = (torch.randn(96, 64) * 0.2).to(dtype)
     b = torch.randn(96).to(dtype)
@@ -89,6 +98,7 @@ def test_a_matmul_gives_f_linear_bits(dtype, rows):
     assert torch.equal(y, ref)
     m = _Mat.of(w, 2, b)
     assert m.panels is None and (m.weight is None) == onednn_low_precision(dtype)
+    assert m._avx2 is None
     assert _Mat.of(w.float(), 2).panels is not None
 
 

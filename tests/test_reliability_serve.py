@@ -75,7 +75,7 @@ def make_tiny_model(d: Path) -> None:
     fast.save_pretrained(d)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                       initializer_range=0.2, eos_token_id=len(vocab) - 1)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
 
@@ -332,8 +332,10 @@ async def full_queue_429s(url: str, n_probes: int) -> tuple[list[dict], list[flo
     limits = httpx.Limits(max_connections=CLIENTS + n_probes + 8, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
         hold = asyncio.Event()
-        # Long enough (the context is 512 tokens) to be still decoding when the probes come.
-        long = [asyncio.create_task(one_stream(client, i, 1, 440, hold)) for i in range(MAX_BATCH + MAX_QUEUED)]
+        # Long enough (the context is 2048 tokens) to be still decoding when the probes come: the first
+        # 16 rows start decoding while the other 48 are still arriving, and on a slow CPU 440 tokens
+        # of this tiny model ended before the 20 probes did (a probe then waited its turn, not 429).
+        long = [asyncio.create_task(one_stream(client, i, 1, 1900, hold)) for i in range(MAX_BATCH + MAX_QUEUED)]
         deadline = time.monotonic() + 60
         while True:  # every long request admitted (decoding or queued)
             h = (await client.get("/healthz")).json()

@@ -204,6 +204,15 @@ def trial_counts(url: str, study: str) -> dict[str, int]:
     return dict(rows)
 
 
+def running_ids(url: str, study: str) -> set[int]:
+    try:
+        rows = query(url, "SELECT t.id FROM ffnskip_trials t JOIN ffnskip_studies s ON s.id = t.study_id "
+                          "WHERE s.name = :n AND t.status = 'running'", n=study)
+    except sa.exc.DBAPIError:  # the tables are not there yet
+        return set()
+    return {r[0] for r in rows}
+
+
 def optuna_states(url: str, study: str) -> dict[str, int]:
     rows = query(url, "SELECT t.state, count(*) FROM trials t JOIN studies s ON s.study_id = t.study_id "
                       "WHERE s.study_name = :n GROUP BY t.state", n=study)
@@ -231,11 +240,16 @@ def test_sigkill_of_the_driver_then_resume_loses_and_duplicates_nothing(drill_di
         first = Driver(args, wd, env, drill_dir / "first.log")
         drivers.append(first)
         deadline = time.monotonic() + 180
-        while True:  # at least one finished trial and another one running
+        seen_running: set[int] = set()
+        while True:  # at least one finished trial and a trial that has just started
             first.track()
             counts = trial_counts(url, "sigkill")
-            if counts.get("completed", 0) >= 1 and counts.get("running", 0) >= 1:
+            running = running_ids(url, "sigkill")
+            # A trial first seen running at this poll has its SLOW_S sleep ahead of it, so it is still
+            # running when the kill lands; one seen before may finish between this poll and the kill.
+            if counts.get("completed", 0) >= 1 and running - seen_running:
                 break
+            seen_running |= running
             assert first.proc.poll() is None, f"the study ended before the kill:\n{first.tail()}"
             assert time.monotonic() < deadline, f"no finished + running trial in 180 s: {counts}\n{first.tail()}"
             time.sleep(0.1)

@@ -61,4 +61,5 @@ def _numerics(model) -> dict:
     decode cached under other settings is never compared with one made under these."""
     from ..fastpath import numerics_key
 
-    return numerics_key(next(model.parameters()).device)
+    param = next(model.parameters())
+    return numerics_key(param.device, param.dtype)

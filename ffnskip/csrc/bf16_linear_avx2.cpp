@@ -11,8 +11,10 @@
 // Threads: at::parallel_for (torch's own OpenMP pool, no second pool), one contiguous range of
 // column blocks per thread. Rows are taken 4 at a time with 16 columns (8 ymm sums), or 5..8 at a
 // time 8 columns by 8 (the block's second half then comes from L1/L2: it is K * 32 bytes).
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Functions.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 #include <immintrin.h>
 #include <algorithm>
 #include <cstdint>
@@ -120,7 +122,7 @@ constexpr Kernel kKernels[8] = {rows_16<1, 4>, rows_16<2, 2>, rows_16<3, 1>, row
 
 // x [M, K] bf16 (rows contiguous), w packed [N/16, K, 16] bf16, bias [N] bf16 or None -> y [M, N] bf16.
 // Any M: groups of up to 8 rows, each group streams the weight once.
-torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "bf16_gemm runs on CPU tensors");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x must be [M, K] bf16");
   TORCH_CHECK(w.dim() == 3 && w.size(2) == kBlock && w.is_contiguous() && w.scalar_type() == at::kBFloat16,
@@ -132,9 +134,9 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::
     TORCH_CHECK(bias->numel() == N && bias->is_contiguous() && bias->scalar_type() == at::kBFloat16, "bias must be [N] bf16");
     b = reinterpret_cast<const uint16_t*>(bias->data_ptr());
   }
-  auto y = torch::empty({M, N}, x.options());
+  at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0) return y;
-  const torch::Tensor xf = x.to(torch::kFloat32).contiguous();  // [M, K] fp32: exact widening
+  const at::Tensor xf = x.to(at::kFloat).contiguous();  // [M, K] fp32: exact widening
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t grain = std::max<int64_t>(1, (nblocks + threads - 1) / threads);
   for (int64_t r0 = 0; r0 < M; r0 += 8) {
@@ -147,6 +149,11 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::
   return y;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &linear, "bf16 linear over a weight packed [N/16, K, 16] (AVX2 + FMA)");
+// Registered as torch.ops.ffnskip.bf16_linear_avx2 (ffnskip/kernels.py loads the library).
+TORCH_LIBRARY(ffnskip, m) {
+  m.def("bf16_linear_avx2(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ffnskip, CPU, m) {
+  m.impl("bf16_linear_avx2", &linear);
 }
