@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     import torch
 
     from ffnskip.bench import bench_speed
-    from ffnskip.fastpath import onednn_low_precision
+    from ffnskip.fastpath import matmul_backend
     from ffnskip.loading import load_model
     from ffnskip.policy import SkipPolicy
 
@@ -72,7 +72,8 @@ def main(argv=None) -> int:
         model, tok = load_model(args.model, dtype=dtype, device=args.device)
         for bs in (int(b) for b in args.batch_sizes.split(",")):
             for name, pol in policies.items():
-                layout = "onednn-packed" if onednn_low_precision(model.dtype, args.device) else "panels"
+                layout = {"onednn": "onednn-packed", "avx2": "avx2-kernel", "aten": "F.linear"}.get(
+                    matmul_backend(model.dtype, args.device), "panels")
                 for compiled in (False, True) if args.compiled else (None,):
                     if compiled is not None:  # read by each decode session
                         os.environ["FFNSKIP_COMPILE"] = "1" if compiled else "0"
