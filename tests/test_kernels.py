@@ -178,3 +178,30 @@ def test_a_failed_build_falls_back_to_f_linear_and_says_why(monkeypatch, caplog)
         monkeypatch.setenv(kernels.ENV, "avx2")
         with pytest.raises(RuntimeError, match=re.escape("cannot run here (RuntimeError: c++: not found)")):
             matmul_backend(torch.bfloat16)
+
+
+@needs_avx2
+def test_the_prompt_pass_runs_the_kernel_on_the_decode_steps_packed_weights(avx2, monkeypatch):
+    from torch.profiler import ProfilerActivity, profile
+
+    from ffnskip.decode import new_cache, prefill
+    from ffnskip.fastpath import prefill_kernels
+
+    model = tiny_model("qwen3").to(torch.bfloat16)  # q/k/v biases off, q/k norms: every linear of the family
+    ids = torch.tensor([PROMPTS[2]])
+    args = (ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        logits = prefill(model, *args, new_cache(model))  # [1, V]
+    calls = sum(e.count for e in prof.key_averages() if e.key == "ffnskip::bf16_linear_avx2")
+    n_layers = model.config.num_hidden_layers
+    assert calls == 7 * n_layers + 1  # q, k, v, o, gate, up, down per layer, and the LM head
+    views = model._ffnskip_kernel_views[1]
+    fd = FastDecoder(model, 1, 32, padded=False)  # the decode steps' packed weights: the same memory
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert views[id(q)][1].data_ptr() == fd.layers[0].qkv._avx2.data_ptr()
+    monkeypatch.setenv(kernels.ENV, "aten")  # F.linear: the same logits up to bf16 rounding
+    assert isinstance(prefill_kernels(model), type(__import__("contextlib").nullcontext()))
+    with torch.no_grad():
+        ref = prefill(model, *args, new_cache(model))
+    assert torch.allclose(logits.float(), ref.float(), rtol=0.02, atol=0.02 * ref.float().abs().max().item())
+    assert logits.argmax().item() == ref.argmax().item()
