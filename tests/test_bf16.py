@@ -10,7 +10,7 @@ transformers'.
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import TinyTokenizer, tiny_model
+from tiny import TinyTokenizer, hf_greedy, tiny_model
 
 from ffnskip import SamplingParams, SkipPolicy, generate
 from ffnskip.fastpath import FastDecoder, _Mat, _rms_norm, matmul_backend, onednn_low_precision
@@ -30,15 +30,6 @@ def run(model, prompts, policy, n=16, fast=None):
     return results
 
 
-def _hf(model, prompts, n):
-    """transformers' greedy tokens, left-padded batch."""
-    width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False)
-    return [row[width:].tolist() for row in out]
-
-
 @pytest.fixture(scope="module", params=[("llama", "bfloat16"), ("qwen3", "bfloat16"), ("llama", "float16")], ids=lambda p: f"{p[0]}-{p[1]}")
 def model(request):
     family, dtype = request.param
@@ -47,13 +38,13 @@ def model(request):
 
 def test_dense_is_token_identical_to_transformers_in_the_same_dtype(model):
     assert FastDecoder.supports(model, 64) is None
-    ref = _hf(model, [PROMPTS[0]], 24)[0]
+    ref = hf_greedy(model, [PROMPTS[0]], 24)[0]
     assert run(model, [PROMPTS[0]], SkipPolicy.dense(), n=24, fast=True)[0].token_ids == ref
     assert len(set(ref)) > 3  # varied text: the comparison means something
 
 
 def test_padded_batch_is_transformers_and_skipping_agrees_with_the_model_forward(model):
-    assert [r.token_ids for r in run(model, PROMPTS, SkipPolicy.dense(), n=12, fast=True)] == _hf(model, PROMPTS, 12)
+    assert [r.token_ids for r in run(model, PROMPTS, SkipPolicy.dense(), n=12, fast=True)] == hf_greedy(model, PROMPTS, 12)
     pol = SkipPolicy(threshold=0.9, layer_start=2, layer_end=7, warmup_tokens=2, skip_budget=3, dense_every=3)  # adaptive
     a, b = run(model, PROMPTS, pol, n=12, fast=False), run(model, PROMPTS, pol, n=12, fast=True)
     assert sum(r.stats.skipped_ffn for r in a) > 0

@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import TinyTokenizer, tiny_model
+from tiny import TinyTokenizer, hf_greedy, tiny_model
 
 from ffnskip import SamplingParams, SkipPolicy, generate, kernels
 from ffnskip.fastpath import FastDecoder, _Mat, matmul_backend, numerics_key, onednn_low_precision
@@ -88,15 +88,6 @@ TOK = TinyTokenizer()
 PROMPTS = [[5, 17, 33, 2, 90, 41], [7, 7, 120], [200, 3, 64, 9, 11, 150, 31, 8, 77]]  # unequal: padded
 
 
-def _hf(model, prompts, n):
-    """transformers' greedy tokens, left-padded batch."""
-    width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False)
-    return [row[width:].tolist() for row in out]
-
-
 def _ours(model, prompts, policy, n):
     results = []
     for _ in generate(model, TOK, prompts, policy, SamplingParams(max_new_tokens=n, ignore_eos=True), results=results, fast=True):
@@ -112,7 +103,7 @@ def test_greedy_tokens_through_the_kernel_are_transformers_bf16(avx2, family):
     qkv, head = fd.layers[0].qkv, fd.head[0]
     assert qkv._avx2 is not None and qkv.weight is None and qkv.panels is None  # the kernel, not F.linear
     assert head._avx2 is not None
-    ref = _hf(model, PROMPTS, 16)
+    ref = hf_greedy(model, PROMPTS, 16)
     assert [r.token_ids for r in _ours(model, PROMPTS, SkipPolicy.dense(), 16)] == ref
     assert len({t for row in ref for t in row}) > 5  # varied text: the comparison means something
     # Skipping through the kernel agrees with the model's own forward (F.linear) on every decision.

@@ -56,3 +56,12 @@ class TinyTokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return "".join(f" {i}" for i in ids)
+
+
+def hf_greedy(model, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """transformers' greedy tokens for ``prompts`` as one left-padded batch (pad id 0)."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False)
+    return [row[width:].tolist() for row in out]
