@@ -123,17 +123,15 @@ def _cpu_identity() -> str:
         import hashlib
         import platform
 
-        name, flags = "", ""
+        from .kernels import cpu_flags
+
+        name, flags = "", " ".join(sorted(cpu_flags()))
         try:
             with open("/proc/cpuinfo") as f:
                 for line in f:
                     k, _, v = line.partition(":")
-                    k = k.strip()
-                    if k == "model name" and not name:
+                    if k.strip() == "model name":
                         name = v.strip()
-                    elif k in ("flags", "Features") and not flags:
-                        flags = " ".join(sorted(v.split()))
-                    if name and flags:
                         break
         except OSError:
             pass
