@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         model, tok = load_model(args.model, dtype=dtype, device=args.device)
         for bs in (int(b) for b in args.batch_sizes.split(",")):
             for name, pol in policies.items():
-                layout = {"onednn": "onednn-packed", "avx2": "avx2-kernel", "aten": "F.linear"}.get(
+                layout = {"onednn": "onednn-packed", "avx512bf16": "avx512bf16-kernel", "avx2": "avx2-kernel", "aten": "F.linear"}.get(
                     matmul_backend(model.dtype, args.device), "panels")
                 for compiled in (False, True) if args.compiled else (None,):
                     if compiled is not None:  # read by each decode session

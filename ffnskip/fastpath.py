@@ -61,6 +61,7 @@ from torch.overrides import TorchFunctionMode
 from .adapters import FastLayout, UnsupportedArchitecture, get_adapter
 from .adapters.base import get_path
 from .engine import SkipController, skip_whole_layer
+from .kernels import MAX_ROWS as _KERNEL_MAX_ROWS
 
 log = logging.getLogger(__name__)
 
@@ -206,13 +207,16 @@ def matmul_backend(dtype: torch.dtype, device: torch.device | str = "cpu") -> st
 
     * ``"panels"``: fp32 (and fp32 on accelerators): column panels, oneDNN's packed fp32 weight
       for several rows on CPU (``_Mat``);
+    * ``"avx512bf16"``: bf16 on an x86-64 CPU with AVX512_BF16: :mod:`ffnskip.kernels`' VDPBF16PS
+      kernel up to ``kernels.MAX_ROWS`` rows, oneDNN's packed bf16 weight for more (built on first
+      use; if the build fails, logged, ``"onednn"``);
     * ``"onednn"``: bf16/fp16 on a CPU with the instructions (:func:`onednn_low_precision`);
-    * ``"avx2"``: bf16 on an x86-64 CPU with AVX2 + FMA and without them: :mod:`ffnskip.kernels`
-      (built on first use; if the build fails, logged, ``"aten"``);
+    * ``"avx2"``: bf16 on an x86-64 CPU with AVX2 + FMA but neither AVX512_BF16 nor AMX:
+      :mod:`ffnskip.kernels`' AVX2 kernel (if its build fails, logged, ``"aten"``);
     * ``"aten"``: ``F.linear`` on the model's weight (CUDA, fp16 without AVX512_FP16, other CPUs).
 
-    ``FFNSKIP_BF16_KERNEL`` (``auto``, ``onednn``, ``avx2``, ``aten``) forces the bf16 choice on
-    CPU; a forced kernel the CPU cannot run is an error that names the variable."""
+    ``FFNSKIP_BF16_KERNEL`` (``auto``, ``onednn``, ``avx512bf16``, ``avx2``, ``aten``) forces the
+    bf16 choice on CPU; a forced kernel the CPU cannot run is an error that names the variable."""
     from . import kernels
 
     device = torch.device(device)
@@ -227,13 +231,26 @@ def matmul_backend(dtype: torch.dtype, device: torch.device | str = "cpu") -> st
         if not onednn_low_precision(dtype, device):
             raise RuntimeError(f"{kernels.ENV}=onednn: oneDNN has no native bf16 kernel on this CPU (no AVX512_BF16 or AMX)")
         return "onednn"
-    if want == "auto" and onednn_low_precision(dtype, device):
+    if want in kernels.KERNELS:
+        if kernels.load(want):
+            return want
+        raise RuntimeError(f"{kernels.ENV}={want}: the {kernels.KERNELS[want].what} bf16 kernel cannot run here "
+                           f"({kernels.error(want)})")
+    # auto: ffnskip's VDPBF16PS kernel (measured faster than oneDNN's at 1-8 rows on Zen 4), else
+    # oneDNN where it has native bf16, else the AVX2 kernel, else F.linear.
+    if kernels.has_avx512_bf16() and kernels.load("avx512bf16"):
+        return "avx512bf16"
+    if onednn_low_precision(dtype, device):
         return "onednn"
-    if kernels.load_avx2_bf16():
+    if kernels.load("avx2"):
         return "avx2"
-    if want == "avx2":
-        raise RuntimeError(f"{kernels.ENV}=avx2: the AVX2 bf16 kernel cannot run here ({kernels.avx2_bf16_error()})")
     return "aten"
+
+
+def _kernel_op(name: str):
+    from . import kernels
+
+    return kernels.op(name)
 
 
 class _Mat:
@@ -245,22 +262,28 @@ class _Mat:
     instead of 90 ms for the matmuls of a SmolLM2-135M step at batch 8). The packed copy costs one
     more copy of the weight, only once a batch has run.
 
-    bf16/fp16 on a CPU with the instructions (:func:`onednn_low_precision`): only oneDNN's
-    pre-packed weight, for every row count (no panels are kept); bf16 without them on an AVX2 CPU:
-    :mod:`ffnskip.kernels`' packed ``[out/16, in, 16]`` copy; otherwise (and on CUDA) the
-    weight itself through ``F.linear`` (:func:`matmul_backend` says which). oneDNN's bf16 kernels
-    (AVX512_BF16 ``vdpbf16ps``, AMX tiles) accumulate in fp32 and give the same bits as
-    ``F.linear``, which transformers calls (tested); ``bmm`` over bf16 panels runs ~2x slower on
-    the AMD EPYC (Zen 4) here, and the LM head ~3x."""
+    bf16 on a CPU with AVX512_BF16: :mod:`ffnskip.kernels`' packed ``[out/16, in/2, 16, 2]`` copy
+    for up to ``kernels.MAX_ROWS`` rows, and for more rows oneDNN's pre-packed weight, built from
+    it on first use (another copy, only once a larger batch ran: oneDNN is faster there). bf16/fp16
+    on another CPU with the instructions (:func:`onednn_low_precision`, AMX without AVX512_BF16
+    kernels forced off): only oneDNN's pre-packed weight, for every row count (no panels are
+    kept); bf16 without them on an AVX2 CPU: the AVX2 kernel's packed ``[out/16, in, 16]`` copy;
+    otherwise (and on CUDA) the weight itself through ``F.linear`` (:func:`matmul_backend` says
+    which). oneDNN's bf16 kernels (AVX512_BF16 ``vdpbf16ps``, AMX tiles) accumulate in fp32 and
+    give the same bits as ``F.linear``, which transformers calls (tested); ffnskip's kernels round
+    where F.linear rounds, with their own order of fp32 additions; ``bmm`` over bf16 panels runs
+    ~2x slower on the AMD EPYC (Zen 4) here, and the LM head ~3x."""
 
-    __slots__ = ("panels", "bias", "weight", "_avx2", "_packable", "_packed", "_handle", "__weakref__")
+    __slots__ = ("panels", "bias", "weight", "_kern", "_kop", "_big", "_packable", "_packed", "_handle", "__weakref__")
 
     def __init__(self, panels: torch.Tensor | None, bias: torch.Tensor | None = None, packed=None, weight=None,
-                 avx2: torch.Tensor | None = None) -> None:
+                 kern: torch.Tensor | None = None, kernel: str | None = None) -> None:
         self.panels = panels  # [p, in, out/p], or None when only a packed or the plain weight is kept
         self.bias = bias  # [out] or None, added after the matmul
         self.weight = weight  # [out, in] for F.linear (bf16/fp16 without oneDNN's kernels), else None
-        self._avx2 = avx2  # [out/16, in, 16] bf16 for ffnskip.kernels.linear, else None
+        self._kern = kern  # ffnskip.kernels' packed bf16 weight (kernel ``kernel``), else None
+        self._kop = None if kernel is None else _kernel_op(kernel)
+        self._big = kernel == "avx512bf16" and onednn_low_precision(torch.bfloat16)  # > MAX_ROWS rows: oneDNN
         self._packable = _ONEDNN and panels is not None and panels.device.type == "cpu" and panels.dtype == torch.float32
         self._packed = packed  # oneDNN's packed [out, in] weight (opaque layout)
         self._handle = None  # ffnskip.compiled's handle, once a compiled layer used it
@@ -268,8 +291,8 @@ class _Mat:
     @staticmethod
     def of(w: torch.Tensor, p: int, bias: torch.Tensor | None = None) -> "_Mat":
         """The fast path's copy of a linear weight ``w`` [out, in] for ``p`` panels: fp32 as panels;
-        bf16/fp16 as oneDNN's packed weight where the CPU has the instructions, bf16 on other AVX2
-        CPUs as the AVX2 kernel's packed weight, else the weight itself for ``F.linear``
+        bf16 as ffnskip's kernels' packed weight on an AVX512_BF16 or AVX2 CPU, bf16/fp16 as oneDNN's
+        packed weight on another CPU with the instructions, else the weight itself for ``F.linear``
         (transformers' kernel, so its rounding: bf16/fp16 accumulate differently per kernel, and
         panels lost greedy parity in fp16 in the tests). :func:`matmul_backend` chooses."""
         backend = matmul_backend(w.dtype, w.device)
@@ -277,10 +300,12 @@ class _Mat:
             return _Mat(_panels(w, p), bias)
         if backend == "onednn":  # the bias goes into oneDNN's epilogue, as in F.linear
             return _Mat(None, bias, packed=torch.ops.mkldnn._reorder_linear_weight(w.contiguous()))
-        if backend == "avx2" and w.shape[0] % 16 == 0:  # the bias is added in fp32 before the one rounding
+        if backend in ("avx512bf16", "avx2") and w.shape[0] % 16 == 0:  # the bias is added in fp32 before the one rounding
             from . import kernels
 
-            return _Mat(None, None if bias is None else bias.contiguous(), avx2=kernels.pack(w))
+            return _Mat(None, None if bias is None else bias.contiguous(), kern=kernels.pack_for(backend, w), kernel=backend)
+        if backend == "avx512bf16":  # not whole blocks of 16 columns: oneDNN's kernel
+            return _Mat(None, bias, packed=torch.ops.mkldnn._reorder_linear_weight(w.contiguous()))
         return _Mat(None, bias, weight=w.contiguous())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -289,9 +314,14 @@ class _Mat:
             if self.weight is not None:
                 return F.linear(x, self.weight, self.bias)  # [R, 1, out]
             R, _, k = x.shape
-            if self._avx2 is not None:
-                y = torch.ops.ffnskip.bf16_linear_avx2(x.reshape(R, k), self._avx2, self.bias)  # [R, out]
-                return y.view(R, 1, y.shape[-1])
+            if self._kern is not None:
+                if R <= _KERNEL_MAX_ROWS or not self._big:
+                    y = self._kop(x.reshape(R, k), self._kern, self.bias)  # [R, out]
+                    return y.view(R, 1, y.shape[-1])
+                if self._packed is None:  # a larger batch on AVX512_BF16: oneDNN's packed copy, once
+                    n, pairs = self._kern.shape[0] * 16, self._kern.shape[1]
+                    dense = self._kern.transpose(1, 2).reshape(n, 2 * pairs)[:, :k].contiguous()  # [out, in]
+                    self._packed = torch.ops.mkldnn._reorder_linear_weight(dense)
             y = torch.ops.mkldnn._linear_pointwise(x.reshape(R, k), self._packed, self.bias, "none", [], "")  # [R, out]
             return y.view(R, 1, y.shape[-1])
         y = self._matmul(x)
@@ -401,14 +431,14 @@ def _kernel_views(model: nn.Module) -> dict:
     views: dict = {}
 
     def add(mat: _Mat, weights: list[torch.Tensor]) -> None:
-        if mat._avx2 is None:
+        if mat._kern is None or mat._kern.dim() != 3:  # the AVX2 kernel's [N/16, K, 16] only
             return
         start = 0
         for w in weights:
             n = w.shape[0]
             if n % 16 or start % 16:
                 return
-            views[id(w)] = (w, mat._avx2[start // 16 : (start + n) // 16])  # contiguous: whole blocks
+            views[id(w)] = (w, mat._kern[start // 16 : (start + n) // 16])  # contiguous: whole blocks
             start += n
 
     for layer in layers:

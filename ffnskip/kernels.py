@@ -1,20 +1,29 @@
-"""Native CPU kernels of the fast path, compiled on first use.
+"""Native CPU kernels of the fast path, compiled on first use: two bf16 linears for the decode
+step's small row counts on x86-64.
 
-One kernel so far: a bf16 linear for the decode step's small row counts on x86-64 CPUs with AVX2
-and FMA but neither AVX512_BF16 nor AMX (for example AMD EPYC Zen 3). There oneDNN has no native
-bf16 kernel and ``F.linear`` in bf16 runs at or below fp32 speed, so bf16 lost the point of
-halving the bytes a decode step reads. The kernel (``csrc/bf16_linear_avx2.cpp``) reads a packed
-copy of the weight (:func:`pack`), widens bf16 to fp32 with a shift, sums in fp32 with FMA, adds
-the bias in fp32 and rounds once to bf16: F.linear's rounding points, with another order of the
-fp32 additions (so outputs agree with F.linear's to the last bf16 bit or one unit of it).
+* ``avx512bf16`` (``csrc/bf16_linear_avx512.cpp``), for CPUs with AVX512_BF16 (AMD Zen 4, Intel
+  Cooper Lake / Sapphire Rapids and later): a ``[N/16, ceil(K/2), 16, 2]`` packed copy of the
+  weight (:func:`pack_avx512`), so that one 64-byte load feeds one ``VDPBF16PS`` (two products of
+  16 columns added into fp32 sums). Measured on AMD EPYC Zen 4 (``benchmarks/bf16_kernel.py``):
+  1.3-2x oneDNN's packed bf16 linear at 1-8 rows with the weights streaming from memory, slower
+  than oneDNN from about 12 rows on, so the fast path uses it up to :data:`MAX_ROWS` rows.
+* ``avx2`` (``csrc/bf16_linear_avx2.cpp``), for CPUs with AVX2 and FMA but no AVX512_BF16 or AMX
+  (for example AMD EPYC Zen 3), where oneDNN has no native bf16 kernel and ``F.linear`` in bf16
+  runs at or below fp32 speed: a ``[N/16, K, 16]`` packed copy (:func:`pack`), bf16 widened to
+  fp32 with a shift, fp32 FMA sums.
 
-The library is built with ``torch.utils.cpp_extension`` (a C++ compiler and ``ninja``, in
+Both add the bias in fp32 and round once to bf16: F.linear's rounding points, with another order
+of the fp32 additions (so outputs agree with F.linear's to the last bf16 bit or one unit of it).
+
+Each library is built with ``torch.utils.cpp_extension`` (a C++ compiler and ``ninja``, in
 requirements.txt) into ``$FFNSKIP_CACHE_DIR/kernels`` (default ``~/.cache/ffnskip/kernels``),
 once per source, torch and Python version, under cpp_extension's file lock, so concurrent
-processes build it once. If it cannot be built, the fast path logs why and uses ``F.linear``.
+processes build it once, and checked on this CPU before use. If it cannot be built, the fast path
+logs why and falls back (oneDNN where it has native bf16, else ``F.linear``).
 
-Which bf16 matmul the fast path uses is chosen by :func:`bf16_backend`; ``FFNSKIP_BF16_KERNEL``
-overrides the choice (``auto``, ``onednn``, ``avx2``, ``aten``), for tests and measurements.
+Which bf16 matmul the fast path uses is chosen by ``ffnskip.fastpath.matmul_backend``;
+``FFNSKIP_BF16_KERNEL`` overrides the choice (``auto``, ``onednn``, ``avx512bf16``, ``avx2``,
+``aten``), for tests and measurements.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import shutil
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,12 +43,34 @@ import torch
 log = logging.getLogger(__name__)
 
 ENV = "FFNSKIP_BF16_KERNEL"
-BACKENDS = ("auto", "onednn", "avx2", "aten")
-BLOCK = 16  # output columns per packed block of the AVX2 kernel
-SOURCE = Path(__file__).with_name("csrc") / "bf16_linear_avx2.cpp"
+BACKENDS = ("auto", "onednn", "avx512bf16", "avx2", "aten")
+BLOCK = 16  # output columns per packed block (both kernels)
+MAX_ROWS = 8  # the fast path runs ffnskip's kernels up to this many rows per call, oneDNN above (where it has bf16)
+_CSRC = Path(__file__).with_name("csrc")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One of ffnskip's kernels: where its source is, what it needs and how it is compiled."""
+
+    name: str  # the FFNSKIP_BF16_KERNEL value that forces it
+    what: str  # the instructions it needs, for messages
+    source: Path
+    op: str  # torch.ops.ffnskip.<op>
+    needs: frozenset[str]  # /proc/cpuinfo flags
+    cflags: tuple[str, ...]
+
+
+KERNELS = {
+    "avx512bf16": Kernel("avx512bf16", "AVX512_BF16", _CSRC / "bf16_linear_avx512.cpp", "bf16_linear_avx512",
+                         frozenset({"avx512f", "avx512bw", "avx512_bf16"}), ("-mavx512f", "-mavx512bw", "-mavx512bf16")),
+    "avx2": Kernel("avx2", "AVX2 + FMA", _CSRC / "bf16_linear_avx2.cpp", "bf16_linear_avx2",
+                   frozenset({"avx2", "fma"}), ("-mavx2", "-mfma")),
+}
+SOURCE = KERNELS["avx2"].source
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "avx2": True/False once tried, "avx2_error": why it is not usable
+_state: dict[str, object] = {}  # "flags"; per kernel name: True/False once tried, and "<name>_error": why it is not usable
 
 
 def cpu_flags() -> frozenset[str]:
@@ -57,8 +89,17 @@ def cpu_flags() -> frozenset[str]:
     return _state["flags"]  # type: ignore[return-value]
 
 
+def cpu_supports(name: str) -> bool:
+    """Whether this CPU has the instructions of kernel ``name`` (x86-64 only)."""
+    return platform.machine().lower() in ("x86_64", "amd64") and KERNELS[name].needs <= cpu_flags()
+
+
 def has_avx2_fma() -> bool:
-    return platform.machine().lower() in ("x86_64", "amd64") and {"avx2", "fma"} <= cpu_flags()
+    return cpu_supports("avx2")
+
+
+def has_avx512_bf16() -> bool:
+    return cpu_supports("avx512bf16")
 
 
 def cache_dir() -> Path:
@@ -77,32 +118,41 @@ def requested() -> str:
     return value
 
 
-def avx2_bf16_error() -> str | None:
-    """Why the AVX2 bf16 kernel cannot run here (``None`` when it can); builds it on first call."""
-    load_avx2_bf16()
-    return _state.get("avx2_error")  # type: ignore[return-value]
+def error(name: str) -> str | None:
+    """Why kernel ``name`` cannot run here (``None`` when it can); builds it on first call."""
+    load(name)
+    return _state.get(f"{name}_error")  # type: ignore[return-value]
+
+
+def load(name: str) -> bool:
+    """Build (once per source and torch version) and load kernel ``name``; whether it works.
+
+    A failed build is logged once with its reason and not retried in this process."""
+    kernel = KERNELS[name]
+    with _lock:
+        if name in _state:
+            return bool(_state[name])
+        ok, why = False, None
+        if not cpu_supports(name):
+            why = f"this CPU has no {kernel.what}"
+        else:
+            try:
+                ok = _build(kernel)
+            except Exception as exc:  # a missing compiler or ninja, a compile error: fall back, say why
+                text = str(exc).strip()
+                why = f"{type(exc).__name__}: {text.splitlines()[-1] if text else repr(exc)}"  # a compiler's last line says most
+                log.warning("ffnskip: the %s bf16 kernel could not be built (%s); bf16 matmuls fall back to oneDNN or "
+                            "F.linear, slower on this CPU", kernel.what, why)
+        _state[name], _state[f"{name}_error"] = ok, why
+        return ok
 
 
 def load_avx2_bf16() -> bool:
-    """Build (once per source and torch version) and load the AVX2 bf16 kernel; whether it works.
+    return load("avx2")
 
-    A failed build is logged once with its reason and not retried in this process."""
-    with _lock:
-        if "avx2" in _state:
-            return bool(_state["avx2"])
-        ok, error = False, None
-        if not has_avx2_fma():
-            error = "this CPU has no AVX2 + FMA"
-        else:
-            try:
-                ok = _build()
-            except Exception as exc:  # a missing compiler or ninja, a compile error: fall back, say why
-                text = str(exc).strip()
-                error = f"{type(exc).__name__}: {text.splitlines()[-1] if text else repr(exc)}"  # a compiler's last line says most
-                log.warning("ffnskip: the AVX2 bf16 kernel could not be built (%s); bf16 matmuls use F.linear, "
-                            "which is several times slower on this CPU", error)
-        _state["avx2"], _state["avx2_error"] = ok, error
-        return ok
+
+def avx2_bf16_error() -> str | None:
+    return error("avx2")
 
 
 def _ninja_on_path() -> None:
@@ -122,25 +172,25 @@ def _ninja_on_path() -> None:
         raise RuntimeError("ninja is not installed (pip install ninja)")
 
 
-def _build() -> bool:
+def _build(kernel: Kernel) -> bool:
     from torch.utils import cpp_extension
 
     _ninja_on_path()
-    build = cache_dir() / "bf16_linear_avx2"
+    build = cache_dir() / kernel.source.stem
     build.mkdir(parents=True, exist_ok=True)
-    if not hasattr(torch.ops.ffnskip, "bf16_linear_avx2"):
+    if not hasattr(torch.ops.ffnskip, kernel.op):
         started = time.monotonic()
-        log.info("ffnskip: loading the AVX2 bf16 kernel from %s (the first time this compiles it, about a minute)", build)
+        log.info("ffnskip: loading the %s bf16 kernel from %s (the first time this compiles it, under a minute)", kernel.what, build)
         cpp_extension.load(
-            "ffnskip_bf16_linear_avx2", [str(SOURCE)], build_directory=str(build), is_python_module=False,
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
-        log.info("ffnskip: AVX2 bf16 kernel ready in %.1f s", time.monotonic() - started)
+            f"ffnskip_{kernel.source.stem}", [str(kernel.source)], build_directory=str(build), is_python_module=False,
+            extra_cflags=["-O3", *kernel.cflags, "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        log.info("ffnskip: %s bf16 kernel ready in %.1f s", kernel.what, time.monotonic() - started)
     # A check on this CPU before any model uses it: the kernel's rounding against fp32 math.
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 40, generator=g).bfloat16()
-    w = torch.randn(32, 40, generator=g).bfloat16()
+    x = torch.randn(3, 41, generator=g).bfloat16()
+    w = torch.randn(32, 41, generator=g).bfloat16()
     b = torch.randn(32, generator=g).bfloat16()
-    got = linear(x, pack(w), b).float()
+    got = linear(x, pack_for(kernel.name, w), b).float()
     want = (x.float() @ w.float().t() + b.float())
     if not torch.allclose(got, want, rtol=2**-7, atol=1e-2):
         raise RuntimeError(f"the built kernel's self-check failed (max error {(got - want).abs().max().item():.3g})")
@@ -148,14 +198,38 @@ def _build() -> bool:
 
 
 def pack(w: torch.Tensor) -> torch.Tensor:
-    """A bf16 weight [N, K] (N a multiple of 16) as the kernel's ``[N/16, K, 16]``: each block of 16
-    output columns input-major, contiguous (one thread streams one contiguous run)."""
+    """A bf16 weight [N, K] (N a multiple of 16) as the AVX2 kernel's ``[N/16, K, 16]``: each block
+    of 16 output columns input-major, contiguous (one thread streams one contiguous run)."""
     n, k = w.shape
     if n % BLOCK:
         raise ValueError(f"pack: {n} output columns is not a multiple of {BLOCK}")
     return w.contiguous().view(n // BLOCK, BLOCK, k).transpose(1, 2).contiguous()  # [N/16, K, 16]
 
 
+def pack_avx512(w: torch.Tensor) -> torch.Tensor:
+    """A bf16 weight [N, K] (N a multiple of 16) as the AVX512_BF16 kernel's ``[N/16, ceil(K/2), 16, 2]``:
+    per block of 16 output columns, the pairs of consecutive inputs of each column side by side (an
+    odd K gets a zero input)."""
+    n, k = w.shape
+    if n % BLOCK:
+        raise ValueError(f"pack_avx512: {n} output columns is not a multiple of {BLOCK}")
+    w = w.contiguous() if k % 2 == 0 else torch.nn.functional.pad(w, (0, 1))  # [N, 2P]
+    return w.view(n // BLOCK, BLOCK, -1, 2).transpose(1, 2).contiguous()  # [N/16, P, 16, 2]
+
+
+def pack_for(name: str, w: torch.Tensor) -> torch.Tensor:
+    """``w`` [N, K] in kernel ``name``'s packed layout."""
+    return pack_avx512(w) if name == "avx512bf16" else pack(w)
+
+
+def op(name: str):
+    """Kernel ``name``'s op: ``(x [M, K] bf16, packed, bias [N] or None) -> [M, N] bf16``."""
+    return getattr(torch.ops.ffnskip, KERNELS[name].op)
+
+
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] bf16 @ packed [N/16, K, 16] (+ bias [N]) -> [M, N] bf16, on torch's intra-op threads."""
+    """x [M, K] bf16 @ a packed weight (+ bias [N]) -> [M, N] bf16, on torch's intra-op threads; the
+    kernel is the one whose layout ``packed`` has (4-D: AVX512_BF16, 3-D: AVX2)."""
+    if packed.dim() == 4:
+        return torch.ops.ffnskip.bf16_linear_avx512(x, packed, bias)
     return torch.ops.ffnskip.bf16_linear_avx2(x, packed, bias)

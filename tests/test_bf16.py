@@ -1,9 +1,9 @@
 """The fast path in bf16 (and fp16): greedy parity with transformers in the same dtype (CPU, tiny models).
 
-On a CPU with AVX512_BF16 or AMX the bf16 matmuls run on oneDNN's pre-packed weights
-(``ffnskip.fastpath.onednn_low_precision``); on other x86-64 CPUs with AVX2 + FMA on ffnskip's
-AVX2 kernel (``ffnskip.kernels``, tested on its own in test_kernels.py); elsewhere, and in fp16
-on a CPU without AVX512_FP16, through F.linear. Either way the dense greedy tokens must be
+On a CPU with AVX512_BF16 the bf16 matmuls run on ffnskip's VDPBF16PS kernel (up to 8 rows) and
+oneDNN's pre-packed weights (more rows); with AMX-BF16 alone on oneDNN's; on other x86-64 CPUs with
+AVX2 + FMA on ffnskip's AVX2 kernel (``ffnskip.kernels``, both tested on their own in
+test_kernels.py); elsewhere, and in fp16 on a CPU without AVX512_FP16, through F.linear. Either way the dense greedy tokens must be
 transformers'.
 """
 
@@ -62,10 +62,10 @@ def test_the_kv_cache_and_the_layout_follow_the_dtype():
     qkv = fd.layers[0].qkv
     assert qkv.panels is None  # bf16 never keeps panels
     backend = matmul_backend(torch.bfloat16)
-    assert backend == "onednn" if packed else backend in ("avx2", "aten")
-    # One copy per kernel: oneDNN's packed weight, the AVX2 kernel's, or the weight itself for F.linear.
-    assert [qkv._packed is not None, qkv._avx2 is not None, qkv.weight is not None] == [
-        backend == "onednn", backend == "avx2", backend == "aten"]
+    assert backend in ("avx512bf16", "onednn") if packed else backend in ("avx2", "aten")
+    # One copy per kernel: oneDNN's packed weight, one of ffnskip's kernels', or the weight itself for F.linear.
+    assert [qkv._packed is not None, qkv._kern is not None, qkv.weight is not None] == [
+        backend == "onednn", backend in ("avx512bf16", "avx2"), backend == "aten"]
     model.float()  # the same Parameters in another dtype: the cached layout is rebuilt
     fd = FastDecoder(model, 1, 32, padded=False)
     assert fd.layers[0].qkv.panels is not None and fd.layers[0].qkv.panels.dtype == torch.float32
@@ -76,9 +76,9 @@ def test_the_kv_cache_and_the_layout_follow_the_dtype():
 def test_a_matmul_gives_f_linear_bits(dtype, rows, monkeypatch):
     """The fast path's matmul in bf16/fp16 (with a bias) is F.linear's to the bit: oneDNN's packed
     weight where the CPU has the instructions, else F.linear itself; fp32 keeps the panels. (The
-    AVX2 bf16 kernel sums in its own order: within one bf16 rounding, in test_kernels.py.)"""
-    if matmul_backend(dtype) == "avx2":
-        monkeypatch.setenv("FFNSKIP_BF16_KERNEL", "aten")
+    AVX2 and AVX512_BF16 kernels sum in their own order: within one bf16 rounding, in test_kernels.py.)"""
+    if matmul_backend(dtype) in ("avx2", "avx512bf16"):  # F.linear's or oneDNN's own kernel here
+        monkeypatch.setenv("FFNSKIP_BF16_KERNEL", "onednn" if onednn_low_precision(dtype) else "aten")
     torch.manual_seed(0)
     w = (torch.randn(96, 64) * 0.2).to(dtype)
     b = torch.randn(96).to(dtype)
@@ -89,7 +89,7 @@ def test_a_matmul_gives_f_linear_bits(dtype, rows, monkeypatch):
     assert torch.equal(y, ref)
     m = _Mat.of(w, 2, b)
     assert m.panels is None and (m.weight is None) == onednn_low_precision(dtype)
-    assert m._avx2 is None
+    assert m._kern is None
     assert _Mat.of(w.float(), 2).panels is not None
 
 

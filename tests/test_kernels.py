@@ -1,10 +1,12 @@
-"""ffnskip.kernels: the AVX2 + FMA bf16 linear (built on first use) and how the fast path picks its
-bf16 matmul (``ffnskip.fastpath.matmul_backend``, ``FFNSKIP_BF16_KERNEL``).
+"""ffnskip.kernels: the AVX512_BF16 and AVX2 + FMA bf16 linears (built on first use) and how the fast
+path picks its bf16 matmul (``ffnskip.fastpath.matmul_backend``, ``FFNSKIP_BF16_KERNEL``).
 
-The kernel runs on every x86-64 CPU seen here (all have AVX2 + FMA), so its tests force it
-(``FFNSKIP_BF16_KERNEL=avx2``) even where ``auto`` picks oneDNN (AVX512_BF16/AMX). Its outputs are
-compared with fp32 math rounded once to bf16, within one bf16 rounding (the order of its fp32
-additions is its own), never bit for bit against a CPU-dependent kernel; greedy tokens through it
+Each kernel's tests run on every x86-64 CPU with its instructions, forced
+(``FFNSKIP_BF16_KERNEL=avx2`` / ``avx512bf16``) whatever ``auto`` picks: the AVX2 one on every
+x86-64 CPU seen here, the AVX512_BF16 one where the CPU has it (AMD Zen 4, Intel Sapphire Rapids;
+skipped on AVX2-only CPUs such as Zen 3, which cannot execute it). Outputs are compared with fp32
+math rounded once to bf16, within one bf16 rounding (the order of the fp32 additions is each
+kernel's own), never bit for bit against a CPU-dependent kernel; greedy tokens through a kernel
 must be transformers' bf16 ones.
 """
 
@@ -19,6 +21,11 @@ from ffnskip import SamplingParams, SkipPolicy, generate, kernels
 from ffnskip.fastpath import FastDecoder, _Mat, matmul_backend, numerics_key, onednn_low_precision
 
 needs_avx2 = pytest.mark.skipif(not kernels.has_avx2_fma(), reason="the AVX2 kernel needs an x86-64 CPU with AVX2 + FMA")
+KERNELS = [
+    pytest.param("avx2", marks=needs_avx2),
+    pytest.param("avx512bf16", marks=pytest.mark.skipif(
+        not kernels.has_avx512_bf16(), reason="this CPU cannot execute AVX512_BF16 instructions")),
+]
 
 
 def _ulp_bf16(v: torch.Tensor) -> torch.Tensor:
@@ -44,16 +51,23 @@ def avx2(monkeypatch):
     assert kernels.load_avx2_bf16(), kernels.avx2_bf16_error()  # a CPU with AVX2 + FMA and a compiler: it must build
 
 
-@needs_avx2
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 17])
+@pytest.fixture(params=KERNELS)
+def kernel(request, monkeypatch):
+    """Each kernel this CPU can execute, forced; it must build."""
+    monkeypatch.setenv(kernels.ENV, request.param)
+    assert kernels.load(request.param), kernels.error(request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33])
 @pytest.mark.parametrize("k", [1, 5, 64, 67])
-def test_the_kernel_is_fp32_math_rounded_once(avx2, rows, k):
+def test_the_kernel_is_fp32_math_rounded_once(kernel, rows, k):
     g = torch.Generator().manual_seed(rows * 100 + k)
     x = torch.randn(rows, k, generator=g).bfloat16()
     w = torch.randn(48, k, generator=g).bfloat16()
     b = torch.randn(48, generator=g).bfloat16()
-    packed = kernels.pack(w)
-    assert packed.shape == (3, k, 16)
+    packed = kernels.pack_for(kernel, w)
+    assert packed.shape == ((3, k, 16) if kernel == "avx2" else (3, (k + 1) // 2, 16, 2))
     _within_one_rounding(kernels.linear(x, packed, b), x, w, b)
     _within_one_rounding(kernels.linear(x, packed, None), x, w, None)
     # Against F.linear in bf16 (this CPU's own kernel): the same up to one rounding, and mostly the same bits.
@@ -63,25 +77,27 @@ def test_the_kernel_is_fp32_math_rounded_once(avx2, rows, k):
     assert (y == ref).float().mean().item() > 0.9
 
 
-@needs_avx2
-def test_the_kernel_keeps_infinities_and_nans_and_rejects_bad_input(avx2):
+def test_the_kernel_keeps_infinities_and_nans_and_rejects_bad_input(kernel):
+    pack, run = (lambda w: kernels.pack_for(kernel, w)), kernels.op(kernel)
     x = torch.ones(2, 32).bfloat16()
     w = torch.ones(16, 32).bfloat16()
     x[0, 3] = float("inf")
     x[1, 5] = float("nan")
-    y = kernels.linear(x, kernels.pack(w), None)
+    y = run(x, pack(w), None)
     assert torch.isinf(y[0]).all() and (y[0] > 0).all() and torch.isnan(y[1]).all()
-    assert kernels.linear(torch.empty(0, 32).bfloat16(), kernels.pack(w), None).shape == (0, 16)
+    assert run(torch.empty(0, 32).bfloat16(), pack(w), None).shape == (0, 16)
     with pytest.raises(RuntimeError, match="x must be"):
-        kernels.linear(x.float(), kernels.pack(w), None)
-    with pytest.raises(RuntimeError, match="x has 31 inputs"):
-        kernels.linear(x[:, :31].contiguous(), kernels.pack(w), None)
+        run(x.float(), pack(w), None)
+    with pytest.raises(RuntimeError, match="x has 29 inputs"):
+        run(x[:, :29].contiguous(), pack(w), None)
     with pytest.raises(RuntimeError, match="packed"):
-        kernels.linear(x, w, None)  # the unpacked weight
+        run(x, w, None)  # the unpacked weight
+    with pytest.raises(RuntimeError, match="packed"):
+        run(x, kernels.pack_for("avx2" if kernel != "avx2" else "avx512bf16", w), None)  # the other kernel's layout
     with pytest.raises(RuntimeError, match="bias"):
-        kernels.linear(x, kernels.pack(w), torch.ones(8).bfloat16())
+        run(x, pack(w), torch.ones(8).bfloat16())
     with pytest.raises(ValueError, match="multiple of 16"):
-        kernels.pack(torch.ones(20, 32).bfloat16())
+        pack(torch.ones(20, 32).bfloat16())
 
 
 TOK = TinyTokenizer()
@@ -95,14 +111,13 @@ def _ours(model, prompts, policy, n):
     return results
 
 
-@needs_avx2
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_greedy_tokens_through_the_kernel_are_transformers_bf16(avx2, family):
+def test_greedy_tokens_through_the_kernel_are_transformers_bf16(kernel, family):
     model = tiny_model(family).to(torch.bfloat16)
     fd = FastDecoder(model, len(PROMPTS), 64, padded=True)
     qkv, head = fd.layers[0].qkv, fd.head[0]
-    assert qkv._avx2 is not None and qkv.weight is None and qkv.panels is None  # the kernel, not F.linear
-    assert head._avx2 is not None
+    assert qkv._kern is not None and qkv.weight is None and qkv.panels is None  # the kernel, not F.linear
+    assert head._kern is not None and head._kop == kernels.op(kernel)
     ref = hf_greedy(model, PROMPTS, 16)
     assert [r.token_ids for r in _ours(model, PROMPTS, SkipPolicy.dense(), 16)] == ref
     assert len({t for row in ref for t in row}) > 5  # varied text: the comparison means something
@@ -120,7 +135,9 @@ def test_the_backend_choice_follows_the_cpu_and_the_variable(monkeypatch):
     monkeypatch.delenv(kernels.ENV, raising=False)
     assert matmul_backend(torch.float32) == "panels"
     auto = matmul_backend(torch.bfloat16)
-    if onednn_low_precision(torch.bfloat16):
+    if kernels.has_avx512_bf16():
+        assert auto == "avx512bf16"
+    elif onednn_low_precision(torch.bfloat16):
         assert auto == "onednn"
     else:
         assert auto == ("avx2" if kernels.has_avx2_fma() else "aten")
@@ -130,43 +147,78 @@ def test_the_backend_choice_follows_the_cpu_and_the_variable(monkeypatch):
     assert numerics_key("cpu", torch.bfloat16)["matmul"] == "aten"  # a cached dense decode keys on it
     w = torch.randn(32, 16).bfloat16()
     m = _Mat.of(w, 2)
-    assert m.weight is not None and m._avx2 is None
+    assert m.weight is not None and m._kern is None
     monkeypatch.setenv(kernels.ENV, "onednn")
     if onednn_low_precision(torch.bfloat16):
         assert matmul_backend(torch.bfloat16) == "onednn"
+        m = _Mat.of(w, 2)
+        assert m._packed is not None and m._kern is None
     else:
         with pytest.raises(RuntimeError, match="FFNSKIP_BF16_KERNEL=onednn"):
             matmul_backend(torch.bfloat16)
     monkeypatch.setenv(kernels.ENV, "fastest")
     with pytest.raises(ValueError, match="FFNSKIP_BF16_KERNEL='fastest'"):
         matmul_backend(torch.bfloat16)
-    monkeypatch.setenv(kernels.ENV, "avx2")
-    assert matmul_backend(torch.float16) in ("onednn", "aten")  # the variable is about bf16 only
-    if kernels.has_avx2_fma():
-        assert matmul_backend(torch.bfloat16) == "avx2"
-        m = _Mat.of(torch.randn(20, 16).bfloat16(), 2)  # 20 columns: not whole blocks of 16
-        assert m._avx2 is None and m.weight is not None  # F.linear for that one
-    else:
-        with pytest.raises(RuntimeError, match="FFNSKIP_BF16_KERNEL=avx2"):
-            matmul_backend(torch.bfloat16)
+    for name in ("avx2", "avx512bf16"):
+        monkeypatch.setenv(kernels.ENV, name)
+        assert matmul_backend(torch.float16) in ("onednn", "aten")  # the variable is about bf16 only
+        if kernels.cpu_supports(name):
+            assert matmul_backend(torch.bfloat16) == name
+            m = _Mat.of(torch.randn(20, 16).bfloat16(), 2)  # 20 columns: not whole blocks of 16
+            assert m._kern is None and (m.weight is not None or m._packed is not None)  # F.linear or oneDNN for that one
+        else:
+            with pytest.raises(RuntimeError, match=f"FFNSKIP_BF16_KERNEL={name}: the .* cannot run here .this CPU has no"):
+                matmul_backend(torch.bfloat16)
 
 
-def test_a_failed_build_falls_back_to_f_linear_and_says_why(monkeypatch, caplog):
+@pytest.mark.skipif(not (kernels.has_avx512_bf16() and onednn_low_precision(torch.bfloat16)),
+                    reason="needs a CPU with AVX512_BF16")
+def test_more_rows_than_the_kernel_takes_go_to_onednn_built_once(monkeypatch):
+    """On AVX512_BF16 the kernel takes up to kernels.MAX_ROWS rows; a larger batch runs oneDNN's
+    packed weight, made from the kernel's copy on first use and kept."""
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setenv(kernels.ENV, "avx512bf16")
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 40, generator=g).bfloat16()
+    b = torch.randn(64, generator=g).bfloat16()
+    m = _Mat.of(w, 2, b)
+    assert m._kern is not None and m._packed is None
+    small = torch.randn(kernels.MAX_ROWS, 1, 40, generator=g).bfloat16()
+    big = torch.randn(kernels.MAX_ROWS + 1, 1, 40, generator=g).bfloat16()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        ys = m(small)
+    assert m._packed is None and any(e.key == "ffnskip::bf16_linear_avx512" for e in prof.key_averages())
+    yb = m(big)
+    packed = m._packed
+    assert packed is not None
+    m(big)
+    assert m._packed is packed  # built once
+    for y, x in ((ys, small), (yb, big)):
+        assert y.shape == (x.shape[0], 1, 64)
+        _within_one_rounding(y.view(x.shape[0], 64), x.view(x.shape[0], 40), w, b)
+    assert torch.equal(yb, F.linear(big, w, b))  # oneDNN's packed kernel: F.linear's bits
+
+
+def test_a_failed_build_falls_back_and_says_why(monkeypatch, caplog):
     monkeypatch.delenv(kernels.ENV, raising=False)
-    monkeypatch.setattr(kernels, "_state", {"flags": frozenset({"avx2", "fma"})})
+    monkeypatch.setattr(kernels, "_state", {"flags": frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16"})})
     monkeypatch.setattr(kernels.platform, "machine", lambda: "x86_64")
 
-    def broken():
-        raise RuntimeError("Error building extension 'ffnskip_bf16_linear_avx2'\nc++: not found")
+    def broken(kernel):
+        raise RuntimeError(f"Error building extension 'ffnskip_{kernel.source.stem}'\nc++: not found")
 
     monkeypatch.setattr(kernels, "_build", broken)
     with caplog.at_level("WARNING", logger="ffnskip.kernels"):
+        assert not kernels.load("avx512bf16")
         assert not kernels.load_avx2_bf16()
-    assert "could not be built (RuntimeError: c++: not found)" in caplog.text
-    assert kernels.avx2_bf16_error() == "RuntimeError: c++: not found"
-    if not onednn_low_precision(torch.bfloat16):
-        assert matmul_backend(torch.bfloat16) == "aten"
-        monkeypatch.setenv(kernels.ENV, "avx2")
+    assert "AVX512_BF16 bf16 kernel could not be built (RuntimeError: c++: not found)" in caplog.text
+    assert "AVX2 + FMA bf16 kernel could not be built (RuntimeError: c++: not found)" in caplog.text
+    assert kernels.avx2_bf16_error() == kernels.error("avx512bf16") == "RuntimeError: c++: not found"
+    # Neither kernel: oneDNN where it has native bf16, else F.linear; a forced kernel is an error naming why.
+    assert matmul_backend(torch.bfloat16) == ("onednn" if onednn_low_precision(torch.bfloat16) else "aten")
+    for name in ("avx2", "avx512bf16"):
+        monkeypatch.setenv(kernels.ENV, name)
         with pytest.raises(RuntimeError, match=re.escape("cannot run here (RuntimeError: c++: not found)")):
             matmul_backend(torch.bfloat16)
 
@@ -189,7 +241,7 @@ def test_the_prompt_pass_runs_the_kernel_on_the_decode_steps_packed_weights(avx2
     views = model._ffnskip_kernel_views[1]
     fd = FastDecoder(model, 1, 32, padded=False)  # the decode steps' packed weights: the same memory
     q = model.model.layers[0].self_attn.q_proj.weight
-    assert views[id(q)][1].data_ptr() == fd.layers[0].qkv._avx2.data_ptr()
+    assert views[id(q)][1].data_ptr() == fd.layers[0].qkv._kern.data_ptr()
     monkeypatch.setenv(kernels.ENV, "aten")  # F.linear: the same logits up to bf16 rounding
     assert isinstance(prefill_kernels(model), type(__import__("contextlib").nullcontext()))
     with torch.no_grad():

@@ -149,8 +149,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
   return y;
 }
 
-// Registered as torch.ops.ffnskip.bf16_linear_avx2 (ffnskip/kernels.py loads the library).
-TORCH_LIBRARY(ffnskip, m) {
+// Registered as torch.ops.ffnskip.bf16_linear_avx2 (ffnskip/kernels.py loads the library); a
+// fragment, so the AVX512_BF16 kernel's library can add its op to the same namespace.
+TORCH_LIBRARY_FRAGMENT(ffnskip, m) {
   m.def("bf16_linear_avx2(Tensor x, Tensor w, Tensor? bias) -> Tensor");
 }
 
