@@ -30,6 +30,7 @@ from torch import nn
 
 from .engine import SeqStats, SkipController
 from .errors import FFNSkipError
+from . import kernels
 from .fastpath import FastDecoder, prefill_kernels
 from .policy import SkipPolicy
 from .sync import to_host, upload
@@ -246,7 +247,7 @@ def drop_columns(cache, n: int) -> None:
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] -> tokens [B] (greedy when temperature == 0)."""
     if params.temperature == 0:
-        return logits.argmax(dim=-1)
+        return kernels.greedy(logits)  # logits.argmax(dim=-1), faster for bf16 on CPU
     logits = logits.float() / params.temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [B, 1]
@@ -540,7 +541,7 @@ class DecodeSession:
     def _sample(self) -> torch.Tensor:
         """Each row's next token from :attr:`logits` [B, V] with its own sampling -> [B]."""
         if all(r.params.temperature == 0 for r in self.rows):
-            return self.logits.argmax(dim=-1)
+            return kernels.greedy(self.logits)  # logits.argmax(dim=-1), faster for bf16 on CPU
         return torch.cat([sample(self.logits[b : b + 1], r.params, r.generator) for b, r in enumerate(self.rows)])
 
     def _leave(self, gone: list[int]) -> None:

@@ -18,12 +18,14 @@ float rounding and greedy output is token-identical to transformers in the tests
   differs from ``F.linear``'s, so logits differ from transformers' in the last bits (about 1e-6
   relative); greedy tokens stay identical to transformers in the tests. The panels cost one more
   copy of the matmul weights (about 0.5 GB for SmolLM2-135M in fp32);
-* in bf16 (fp16) on a CPU with AVX512_BF16 / AMX (AVX512_FP16 / AMX-FP16) every matmul instead
-  reads oneDNN's pre-packed weight, which gives ``F.linear``'s bits (so transformers' greedy
-  tokens in the same dtype, tested) at about twice the panels' speed; in bf16 on an x86-64 CPU
-  with AVX2 + FMA but without those instructions (AMD Zen 3), ffnskip's own AVX2 kernel
-  (:mod:`ffnskip.kernels`, F.linear's rounding points); elsewhere, and on CUDA, bf16/fp16 call
-  ``F.linear`` on the model's weight (see ``_Mat`` and :func:`matmul_backend`);
+* in bf16 on an x86-64 CPU with AVX512_BF16 (AMD Zen 4, Intel Sapphire Rapids) the matmuls of up
+  to 8 rows run ffnskip's own VDPBF16PS kernel (:mod:`ffnskip.kernels`: F.linear's rounding
+  points, its own order of fp32 additions), larger batches oneDNN's pre-packed weight; in bf16 on
+  an x86-64 CPU with AVX2 + FMA but no AVX512_BF16 (AMD Zen 3), ffnskip's AVX2 kernel; fp16 on a
+  CPU with AVX512_FP16 / AMX-FP16 (and bf16 with ``FFNSKIP_BF16_KERNEL=onednn``) reads oneDNN's
+  pre-packed weight, which gives ``F.linear``'s bits; elsewhere, and on CUDA, bf16/fp16 call
+  ``F.linear`` on the model's weight (see ``_Mat`` and :func:`matmul_backend`). Greedy tokens are
+  transformers' in the same dtype in the tests, whichever kernel runs;
 * attention packs the query heads per K/V head ([B, Hkv, n_rep, hd] against [B, Hkv, n, hd]):
   the same result per query as SDPA's GQA, and in bf16 on CPU about 10x faster per layer;
 
@@ -61,6 +63,7 @@ from torch.overrides import TorchFunctionMode
 from .adapters import FastLayout, UnsupportedArchitecture, get_adapter
 from .adapters.base import get_path
 from .engine import SkipController, skip_whole_layer
+from . import kernels
 from .kernels import MAX_ROWS as _KERNEL_MAX_ROWS
 
 log = logging.getLogger(__name__)
@@ -265,9 +268,9 @@ class _Mat:
     bf16 on a CPU with AVX512_BF16: :mod:`ffnskip.kernels`' packed ``[out/16, in/2, 16, 2]`` copy
     for up to ``kernels.MAX_ROWS`` rows, and for more rows oneDNN's pre-packed weight, built from
     it on first use (another copy, only once a larger batch ran: oneDNN is faster there). bf16/fp16
-    on another CPU with the instructions (:func:`onednn_low_precision`, AMX without AVX512_BF16
-    kernels forced off): only oneDNN's pre-packed weight, for every row count (no panels are
-    kept); bf16 without them on an AVX2 CPU: the AVX2 kernel's packed ``[out/16, in, 16]`` copy;
+    on a CPU with the instructions where ffnskip's kernel is not used (:func:`onednn_low_precision`;
+    fp16, ``FFNSKIP_BF16_KERNEL=onednn``, a failed kernel build): only oneDNN's pre-packed weight,
+    for every row count (no panels are kept); bf16 without them on an AVX2 CPU: the AVX2 kernel's packed ``[out/16, in, 16]`` copy;
     otherwise (and on CUDA) the weight itself through ``F.linear`` (:func:`matmul_backend` says
     which). oneDNN's bf16 kernels (AVX512_BF16 ``vdpbf16ps``, AMX tiles) accumulate in fp32 and
     give the same bits as ``F.linear``, which transformers calls (tested); ffnskip's kernels round
@@ -540,6 +543,10 @@ class FastDecoder:
         self.rotary = get_path(model, lay.rotary)
         self.final_norm = get_path(model, lay.final_norm)
         p = next(model.parameters())
+        # bf16 on a CPU where one of ffnskip's kernels runs the matmuls: its library's fused RMSNorm
+        # too (kernels.DecodeOps: transformers' rounding points, one call instead of four)
+        backend = matmul_backend(p.dtype, p.device)
+        self.ops = kernels.decode_ops(backend) if p.device.type == "cpu" and backend in kernels.KERNELS else None
         self.panels = panel_count(p.device)
         self.layers = [self._pack(adapter, layer) for layer in layers]
         self.head = _head_panels(model, lay, self.panels)  # ([p, D, V/p], bias)
@@ -625,9 +632,14 @@ class FastDecoder:
                 kv[i] = kept
         self.length = n
 
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm over the last dim of x [A, G, D] (weight [D] or [G, D]): the kernel library's fused op
+        in bf16, else :func:`_rms_norm`."""
+        return self.ops.rms_norm(x, weight, self.eps) if self.ops is not None else _rms_norm(x, weight, self.eps)
+
     def _mlp(self, lw: _Layer, h: torch.Tensor) -> torch.Tensor:
         """FFN branch on h [R, 1, D] -> [R, 1, D]."""
-        gu = lw.gate_up(_rms_norm(h, lw.post_norm, self.eps))  # [R, 1, 2I]
+        gu = lw.gate_up(self._norm(h, lw.post_norm))  # [R, 1, 2I]
         gate, up = gu.chunk(2, dim=-1)
         return lw.down(F.silu(gate) * up)  # [R, 1, D]
 
@@ -654,6 +666,7 @@ class FastDecoder:
         # q and k heads side by side: [B, H + Hkv, hd]; cos/sin broadcast over heads
         # Padding: a boolean mask [B, 1, 1, N] (broadcast over the packed query heads); none without.
         mask = attention_mask[:, None, None, : col + 1].bool() if self.padded else None  # [B, 1, 1, n]
+        ops = self.ops
         whole = ctl.whole_layer
         compiled = self.compiled and not whole
         for i, lw in enumerate(self.layers):
@@ -665,11 +678,11 @@ class FastDecoder:
                         ctl.observe(i, h, x)
                     continue
             x_in = x
-            hn = _rms_norm(x, lw.in_norm, self.eps)  # [B, 1, D]
+            hn = self._norm(x, lw.in_norm)  # [B, 1, D]
             qkv = lw.qkv(hn).view(B, H + 2 * Hkv, hd)  # [B, H + 2Hkv, hd]
             qk = qkv[:, : H + Hkv]  # [B, H + Hkv, hd]
             if lw.qk_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
-                qk = _rms_norm(qk, lw.qk_norm, self.eps)
+                qk = self._norm(qk, lw.qk_norm)
             qk = (qk * cos) + (_rotate_half(qk) * sin)  # RoPE, q and k together
             self.k[i][:, :, col] = qk[:, H:]  # K/V written for every layer and token: [B, Hkv, hd]
             self.v[i][:, :, col] = qkv[:, H + Hkv :]
@@ -694,7 +707,7 @@ class FastDecoder:
                 x = skip_whole_layer(split, x_in, x)
             if ctl.testing:
                 ctl.observe(i, h, x)
-        x = self.final_norm(x)  # [B, 1, D]
+        x = self._norm(x, self.final_norm.weight) if ops is not None else self.final_norm(x)  # [B, 1, D]
         head, bias = self.head
         logits = head(x)[:, -1, :]  # [B, V]
         return logits if bias is None else logits + bias

@@ -1,7 +1,7 @@
 """The fast path in bf16 (and fp16): greedy parity with transformers in the same dtype (CPU, tiny models).
 
 On a CPU with AVX512_BF16 the bf16 matmuls run on ffnskip's VDPBF16PS kernel (up to 8 rows) and
-oneDNN's pre-packed weights (more rows); with AMX-BF16 alone on oneDNN's; on other x86-64 CPUs with
+oneDNN's pre-packed weights (more rows); on other x86-64 CPUs with
 AVX2 + FMA on ffnskip's AVX2 kernel (``ffnskip.kernels``, both tested on their own in
 test_kernels.py); elsewhere, and in fp16 on a CPU without AVX512_FP16, through F.linear. Either way the dense greedy tokens must be
 transformers'.

@@ -100,6 +100,56 @@ def test_the_kernel_keeps_infinities_and_nans_and_rejects_bad_input(kernel):
         pack(torch.ones(20, 32).bfloat16())
 
 
+@pytest.mark.parametrize("shape", [(3, 1, 576), (2, 12, 64), (1, 1, 13)])
+def test_the_fused_rms_norm_is_transformers_rounding(kernel, shape):
+    """kernels.DecodeOps.rms_norm: fp32 x / sqrt(mean(x^2) + eps), rounded to bf16, times the weight,
+    rounded: within one bf16 unit of that math (and, in practice, fastpath._rms_norm's bits)."""
+    from ffnskip.fastpath import _rms_norm
+
+    ops = kernels.decode_ops(kernel)
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(*shape, generator=g) * 4).bfloat16()
+    for w in (torch.randn(shape[-1], generator=g).bfloat16(), torch.randn(shape[1], shape[-1], generator=g).bfloat16()):
+        y = ops.rms_norm(x, w, 1e-6)
+        xf = x.double()
+        normed = (xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).float().bfloat16()  # [A, G, D]
+        exact = w.double() * normed.double()
+        assert y.shape == x.shape and y.dtype == torch.bfloat16
+        assert torch.all((y.double() - exact).abs() <= 2 * _ulp_bf16(exact.float()).double())  # two roundings
+        ref = _rms_norm(x, w, 1e-6)
+        assert (y == ref).float().mean().item() > 0.99
+    strided = torch.randn(2, 5, 64, generator=g).bfloat16()[:, 1:4]  # a slice, as Qwen3's q/k heads of the qkv output
+    assert torch.equal(ops.rms_norm(strided, torch.ones(64).bfloat16(), 1e-6),
+                       ops.rms_norm(strided.contiguous(), torch.ones(64).bfloat16(), 1e-6))
+    with pytest.raises(RuntimeError, match="weight must be"):
+        ops.rms_norm(x, torch.ones(shape[-1] + 1).bfloat16(), 1e-6)
+    with pytest.raises(RuntimeError, match="x must be"):
+        ops.rms_norm(x.float(), torch.ones(shape[-1]).bfloat16(), 1e-6)
+
+
+def test_the_argmax_is_torchs(kernel):
+    ops = kernels.decode_ops(kernel)
+    g = torch.Generator().manual_seed(7)
+    for v in (1, 7, 49152, 50001):
+        x = torch.randn(4, v, generator=g).bfloat16()
+        if v > 8:
+            x[0, v // 3] = x[0, v - 2] = 50.0  # a tie: the first index
+            x[1, v // 2] = float("nan")  # a NaN wins, the first one
+            x[1, v - 1] = float("nan")
+        x[2] = float("-inf")  # nothing above -inf: index 0
+        assert torch.equal(ops.argmax(x), x.argmax(dim=-1)), v
+    with pytest.raises(RuntimeError, match="x must be"):
+        ops.argmax(torch.ones(2, 0).bfloat16())
+
+
+def test_greedy_uses_a_loaded_library_and_never_builds_one(monkeypatch):
+    logits = torch.randn(3, 1000).bfloat16()
+    monkeypatch.setattr(kernels, "_build", lambda kernel: pytest.fail("greedy must not build a kernel"))
+    monkeypatch.setattr(kernels, "_state", {"flags": kernels.cpu_flags()})  # nothing loaded in this "process"
+    assert torch.equal(kernels.greedy(logits), logits.argmax(dim=-1))
+    assert torch.equal(kernels.greedy(logits.float()), logits.float().argmax(dim=-1))
+
+
 TOK = TinyTokenizer()
 PROMPTS = [[5, 17, 33, 2, 90, 41], [7, 7, 120], [200, 3, 64, 9, 11, 150, 31, 8, 77]]  # unequal: padded
 

@@ -15,6 +15,8 @@
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#define FFNSKIP_OPS_SUFFIX avx2
+#include "decode_ops.h"  // the step's small ops, registered with this library
 #include <immintrin.h>
 #include <algorithm>
 #include <cstdint>
@@ -153,8 +155,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
 // fragment, so the AVX512_BF16 kernel's library can add its op to the same namespace.
 TORCH_LIBRARY_FRAGMENT(ffnskip, m) {
   m.def("bf16_linear_avx2(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  FFNSKIP_OPS_DEF(m);
 }
 
 TORCH_LIBRARY_IMPL(ffnskip, CPU, m) {
   m.impl("bf16_linear_avx2", &linear);
+  FFNSKIP_OPS_IMPL(m);
 }

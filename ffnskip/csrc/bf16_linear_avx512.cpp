@@ -17,6 +17,8 @@
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#define FFNSKIP_OPS_SUFFIX avx512bf16
+#include "decode_ops.h"  // the step's small ops, registered with this library
 #include <immintrin.h>
 #include <algorithm>
 #include <cstdint>
@@ -124,8 +126,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
 // AVX2 kernel's library can add its op to the same namespace in the same process.
 TORCH_LIBRARY_FRAGMENT(ffnskip, m) {
   m.def("bf16_linear_avx512(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  FFNSKIP_OPS_DEF(m);
 }
 
 TORCH_LIBRARY_IMPL(ffnskip, CPU, m) {
   m.impl("bf16_linear_avx512", &linear);
+  FFNSKIP_OPS_IMPL(m);
 }
