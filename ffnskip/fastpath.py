@@ -667,6 +667,8 @@ class FastDecoder:
         # Padding: a boolean mask [B, 1, 1, N] (broadcast over the packed query heads); none without.
         mask = attention_mask[:, None, None, : col + 1].bool() if self.padded else None  # [B, 1, 1, n]
         ops = self.ops
+        if ops is not None:
+            cos2, sin2 = cos.reshape(B, hd).contiguous(), sin.reshape(B, hd).contiguous()  # [B, hd] for ops.rope_cache
         whole = ctl.whole_layer
         compiled = self.compiled and not whole
         for i, lw in enumerate(self.layers):
@@ -683,10 +685,13 @@ class FastDecoder:
             qk = qkv[:, : H + Hkv]  # [B, H + Hkv, hd]
             if lw.qk_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
                 qk = self._norm(qk, lw.qk_norm)
-            qk = (qk * cos) + (_rotate_half(qk) * sin)  # RoPE, q and k together
-            self.k[i][:, :, col] = qk[:, H:]  # K/V written for every layer and token: [B, Hkv, hd]
-            self.v[i][:, :, col] = qkv[:, H + Hkv :]
-            q = qk[:, :H].unsqueeze(2)  # [B, H, 1, hd]
+            if ops is not None:  # RoPE and both cache writes in one call (the same bits): q [B, H, hd]
+                q = ops.rope_cache(qk, qkv[:, H + Hkv :], cos2, sin2, self.k[i], self.v[i], col, H).unsqueeze(2)
+            else:
+                qk = (qk * cos) + (_rotate_half(qk) * sin)  # RoPE, q and k together
+                self.k[i][:, :, col] = qk[:, H:]  # K/V written for every layer and token: [B, Hkv, hd]
+                self.v[i][:, :, col] = qkv[:, H + Hkv :]
+                q = qk[:, :H].unsqueeze(2)  # [B, H, 1, hd]
             keys = self.k[i][:, :, : col + 1]  # [B, Hkv, n, hd]
             values = self.v[i][:, :, : col + 1]
             # the query heads packed per K/V head ([B, Hkv, n_rep, hd]: n_rep queries against one

@@ -230,18 +230,26 @@ def op(name: str):
 
 class DecodeOps:
     """The decode step's small bf16 ops of kernel ``name``'s library (``csrc/decode_ops.h``): a fused
-    RMSNorm and argmax, each one call instead of ATen's several (or slow) ones on CPU, with ATen's
-    rounding points."""
+    RMSNorm, RoPE with the K/V cache writes, and argmax, each one call instead of ATen's several (or
+    slow) ones on CPU, with ATen's rounding points."""
 
     def __init__(self, name: str) -> None:
         ns = torch.ops.ffnskip
         self.name = name
         self._rms_norm = getattr(ns, f"bf16_rms_norm_{name}")
         self._argmax = getattr(ns, f"bf16_argmax_{name}")
+        self._rope_cache = getattr(ns, f"bf16_rope_cache_{name}")
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """transformers' LlamaRMSNorm in bf16 over the last dim of x [A, G, D]; weight [D] or [G, D]."""
         return self._rms_norm(x, weight, eps)
+
+    def rope_cache(self, qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, col: int, n_heads: int) -> torch.Tensor:
+        """transformers' RoPE in bf16 on qk [B, H + Hkv, hd] (cos, sin [B, hd]); the rotated k heads and
+        v [B, Hkv, hd] written into column ``col`` of the caches [B, Hkv, capacity, hd]; the rotated
+        q [B, H, hd] returned. The same bits as the seven ATen ops it replaces."""
+        return self._rope_cache(qk, v, cos, sin, k_cache, v_cache, col, n_heads)
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, V] -> [B] int64, torch.argmax's answer (the first largest; a NaN wins)."""

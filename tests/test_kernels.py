@@ -127,6 +127,32 @@ def test_the_fused_rms_norm_is_transformers_rounding(kernel, shape):
         ops.rms_norm(x.float(), torch.ones(shape[-1]).bfloat16(), 1e-6)
 
 
+def test_rope_and_the_cache_writes_are_transformers_bits(kernel):
+    """kernels.DecodeOps.rope_cache: (x * cos) + (rotate_half(x) * sin) with bf16 rounding after each
+    op, as ATen's elementwise ops round (exact products, so bit for bit on any CPU), k and v written
+    into one cache column and nothing else."""
+    from ffnskip.fastpath import _rotate_half
+
+    ops = kernels.decode_ops(kernel)
+    g = torch.Generator().manual_seed(5)
+    B, H, Hkv, hd, cap, col = 3, 6, 2, 16, 9, 4
+    qkv = (torch.randn(B, H + 2 * Hkv, hd, generator=g) * 3).bfloat16()
+    cos, sin = torch.randn(B, 1, hd, generator=g).bfloat16(), torch.randn(B, 1, hd, generator=g).bfloat16()
+    kc, vc = torch.randn(B, Hkv, cap, hd, generator=g).bfloat16(), torch.randn(B, Hkv, cap, hd, generator=g).bfloat16()
+    k0, v0 = kc.clone(), vc.clone()
+    qk = qkv[:, : H + Hkv]  # a strided slice, as in the step
+    q = ops.rope_cache(qk, qkv[:, H + Hkv :], cos.view(B, hd), sin.view(B, hd), kc, vc, col, H)
+    ref = (qk * cos) + (_rotate_half(qk) * sin)  # [B, H + Hkv, hd]
+    assert torch.equal(q, ref[:, :H])
+    assert torch.equal(kc[:, :, col], ref[:, H:]) and torch.equal(vc[:, :, col], qkv[:, H + Hkv :])
+    others = [c for c in range(cap) if c != col]
+    assert torch.equal(kc[:, :, others], k0[:, :, others]) and torch.equal(vc[:, :, others], v0[:, :, others])
+    with pytest.raises(RuntimeError, match="column 9"):
+        ops.rope_cache(qk, qkv[:, H + Hkv :], cos.view(B, hd), sin.view(B, hd), kc, vc, cap, H)
+    with pytest.raises(RuntimeError, match="do not split"):
+        ops.rope_cache(qk, qkv[:, H + Hkv :], cos.view(B, hd), sin.view(B, hd), kc, vc, col, H + Hkv)
+
+
 def test_the_argmax_is_torchs(kernel):
     ops = kernels.decode_ops(kernel)
     g = torch.Generator().manual_seed(7)

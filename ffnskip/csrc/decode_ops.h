@@ -1,5 +1,5 @@
 // The small bf16 ops of a decode step that ATen runs slowly on CPU, as one fused loop each:
-// RMSNorm and argmax over the vocabulary.
+// RMSNorm, RoPE with the K/V cache writes, and argmax over the vocabulary.
 // Included by both kernel libraries (bf16_linear_avx2.cpp, bf16_linear_avx512.cpp), each
 // registering them under its own suffix (FFNSKIP_OPS_SUFFIX), so both can load in one process;
 // AVX2 + FMA only, which both kinds of CPU execute.
@@ -12,6 +12,7 @@
 // Rounding points are the ones of the ATen code they replace (fp32 math, bf16 where ATen rounds):
 // * rms_norm: transformers' LlamaRMSNorm in bf16: fp32 x * 1/sqrt(mean(x^2) + eps), rounded to
 //   bf16, times the weight, rounded;
+// * rope_cache: transformers' apply_rotary_pos_emb in bf16 (each multiply and the add rounded);
 // * argmax: the first index of the largest value (a NaN counts as the largest, as in torch).
 // Only the order of fp32 additions (and the exp polynomial's last bits) differ.
 #pragma once
@@ -101,6 +102,56 @@ inline at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double
   return y;
 }
 
+// RoPE on the step's q and k heads and the K/V cache writes, as transformers' apply_rotary_pos_emb
+// in bf16: (x * cos) + (rotate_half(x) * sin), each multiply and the add rounded to bf16 (ATen's
+// bf16 elementwise ops: fp32 math, one rounding each), so the same bits as those seven ops.
+// qk [B, H + Hkv, hd] (last dim contiguous), v [B, Hkv, hd] (last dim contiguous), cos, sin [B, hd]
+// contiguous, caches [B, Hkv, capacity, hd]: column ``col`` gets the rotated k and v; returns the
+// rotated q [B, H, hd].
+inline at::Tensor rope_cache(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
+                             const at::Tensor& kc, const at::Tensor& vc, int64_t col, int64_t H) {
+  TORCH_CHECK(qk.device().is_cpu() && qk.scalar_type() == at::kBFloat16 && qk.dim() == 3 && qk.stride(2) == 1,
+              "rope_cache: qk must be [B, H + Hkv, hd] bf16 on CPU with a contiguous last dimension");
+  const int64_t B = qk.size(0), G = qk.size(1), hd = qk.size(2), Hkv = G - H;
+  TORCH_CHECK(H > 0 && Hkv > 0 && hd % 2 == 0, "rope_cache: ", G, " heads of size ", hd, " do not split into ", H, " q heads and k heads");
+  TORCH_CHECK(v.scalar_type() == at::kBFloat16 && v.dim() == 3 && v.size(0) == B && v.size(1) == Hkv && v.size(2) == hd && v.stride(2) == 1,
+              "rope_cache: v must be [B, Hkv, hd] bf16");
+  TORCH_CHECK(cos.scalar_type() == at::kBFloat16 && sin.scalar_type() == at::kBFloat16 && cos.is_contiguous() && sin.is_contiguous() &&
+                  cos.numel() == B * hd && sin.numel() == B * hd,
+              "rope_cache: cos and sin must be contiguous [B, hd] bf16");
+  TORCH_CHECK(kc.scalar_type() == at::kBFloat16 && vc.scalar_type() == at::kBFloat16 && kc.is_contiguous() && vc.is_contiguous() &&
+                  kc.dim() == 4 && kc.sizes() == vc.sizes() && kc.size(0) == B && kc.size(1) == Hkv && kc.size(3) == hd,
+              "rope_cache: the caches must be contiguous [B, Hkv, capacity, hd] bf16");
+  const int64_t cap = kc.size(2);
+  TORCH_CHECK(col >= 0 && col < cap, "rope_cache: column ", col, " of a ", cap, "-column cache");
+  at::Tensor q = at::empty({B, H, hd}, qk.options());
+  const auto* x = reinterpret_cast<const uint16_t*>(qk.data_ptr());
+  const auto* vp = reinterpret_cast<const uint16_t*>(v.data_ptr());
+  const auto* cp = reinterpret_cast<const uint16_t*>(cos.data_ptr());
+  const auto* sp = reinterpret_cast<const uint16_t*>(sin.data_ptr());
+  auto* qp = reinterpret_cast<uint16_t*>(q.data_ptr());
+  auto* kcp = reinterpret_cast<uint16_t*>(kc.data_ptr());
+  auto* vcp = reinterpret_cast<uint16_t*>(vc.data_ptr());
+  const int64_t half = hd / 2;
+  for (int64_t b = 0; b < B; ++b) {
+    const uint16_t* cb = cp + b * hd;
+    const uint16_t* sb = sp + b * hd;
+    for (int64_t g = 0; g < G; ++g) {
+      const uint16_t* xr = x + b * qk.stride(0) + g * qk.stride(1);
+      uint16_t* out = g < H ? qp + (b * H + g) * hd : kcp + ((b * Hkv + (g - H)) * cap + col) * hd;
+      for (int64_t i = 0; i < hd; ++i) {
+        const float rot = i < half ? -bf16_to_float(xr[i + half]) : bf16_to_float(xr[i - half]);  // rotate_half
+        const float a = round_bf16(bf16_to_float(xr[i]) * bf16_to_float(cb[i]));
+        const float r = round_bf16(rot * bf16_to_float(sb[i]));
+        out[i] = float_to_bf16(a + r);
+      }
+    }
+    for (int64_t g = 0; g < Hkv; ++g)
+      std::memcpy(vcp + ((b * Hkv + g) * cap + col) * hd, vp + b * v.stride(0) + g * v.stride(1), hd * sizeof(uint16_t));
+  }
+  return q;
+}
+
 // x [B, V] bf16 -> [B] int64: the first index of each row's largest value (a NaN: the first NaN).
 inline at::Tensor argmax(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(1) > 0,
@@ -179,7 +230,10 @@ inline at::Tensor argmax(const at::Tensor& x) {
 // In a TORCH_LIBRARY_FRAGMENT(ffnskip, m) block / TORCH_LIBRARY_IMPL(ffnskip, CPU, m) block.
 #define FFNSKIP_OPS_DEF(m)                                                                                              \
   m.def("bf16_rms_norm_" FFNSKIP_OPS_STR(FFNSKIP_OPS_SUFFIX) "(Tensor x, Tensor weight, float eps) -> Tensor");       \
+  m.def("bf16_rope_cache_" FFNSKIP_OPS_STR(FFNSKIP_OPS_SUFFIX)                                                         \
+        "(Tensor qk, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int col, int H) -> Tensor"); \
   m.def("bf16_argmax_" FFNSKIP_OPS_STR(FFNSKIP_OPS_SUFFIX) "(Tensor x) -> Tensor")
 #define FFNSKIP_OPS_IMPL(m)                                                                                             \
   m.impl("bf16_rms_norm_" FFNSKIP_OPS_STR(FFNSKIP_OPS_SUFFIX), &ffnskip_ops::rms_norm);                                \
+  m.impl("bf16_rope_cache_" FFNSKIP_OPS_STR(FFNSKIP_OPS_SUFFIX), &ffnskip_ops::rope_cache);                            \
   m.impl("bf16_argmax_" FFNSKIP_OPS_STR(FFNSKIP_OPS_SUFFIX), &ffnskip_ops::argmax)
