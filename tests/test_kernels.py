@@ -45,12 +45,6 @@ def _within_one_rounding(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: t
     assert torch.all(err <= bound), f"max error {(err - bound).max().item():.3g} over one bf16 rounding"
 
 
-@pytest.fixture()
-def avx2(monkeypatch):
-    monkeypatch.setenv(kernels.ENV, "avx2")
-    assert kernels.load_avx2_bf16(), kernels.avx2_bf16_error()  # a CPU with AVX2 + FMA and a compiler: it must build
-
-
 @pytest.fixture(params=KERNELS)
 def kernel(request, monkeypatch):
     """Each kernel this CPU can execute, forced; it must build."""
@@ -299,8 +293,7 @@ def test_a_failed_build_falls_back_and_says_why(monkeypatch, caplog):
             matmul_backend(torch.bfloat16)
 
 
-@needs_avx2
-def test_the_prompt_pass_runs_the_kernel_on_the_decode_steps_packed_weights(avx2, monkeypatch):
+def test_the_prompt_pass_runs_the_kernel_on_the_decode_steps_packed_weights(kernel, monkeypatch):
     from torch.profiler import ProfilerActivity, profile
 
     from ffnskip.decode import new_cache, prefill
@@ -311,7 +304,7 @@ def test_the_prompt_pass_runs_the_kernel_on_the_decode_steps_packed_weights(avx2
     args = (ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
         logits = prefill(model, *args, new_cache(model))  # [1, V]
-    calls = sum(e.count for e in prof.key_averages() if e.key == "ffnskip::bf16_linear_avx2")
+    calls = sum(e.count for e in prof.key_averages() if e.key == f"ffnskip::{kernels.KERNELS[kernel].op}")
     n_layers = model.config.num_hidden_layers
     assert calls == 7 * n_layers + 1  # q, k, v, o, gate, up, down per layer, and the LM head
     views = model._ffnskip_kernel_views[1]
