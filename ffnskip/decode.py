@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .engine import SeqStats, SkipController
 from .errors import FFNSkipError
-from . import kernels
 from .fastpath import FastDecoder, prefill_kernels
 from .policy import SkipPolicy
 from .sync import to_host, upload

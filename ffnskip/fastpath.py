@@ -60,10 +60,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from . import kernels
 from .adapters import FastLayout, UnsupportedArchitecture, get_adapter
 from .adapters.base import get_path
 from .engine import SkipController, skip_whole_layer
-from . import kernels
 from .kernels import MAX_ROWS as _KERNEL_MAX_ROWS
 
 log = logging.getLogger(__name__)
