@@ -220,8 +220,6 @@ def matmul_backend(dtype: torch.dtype, device: torch.device | str = "cpu") -> st
 
     ``FFNSKIP_BF16_KERNEL`` (``auto``, ``onednn``, ``avx512bf16``, ``avx2``, ``aten``) forces the
     bf16 choice on CPU; a forced kernel the CPU cannot run is an error that names the variable."""
-    from . import kernels
-
     device = torch.device(device)
     if dtype == torch.float32:
         return "panels"
@@ -250,12 +248,6 @@ def matmul_backend(dtype: torch.dtype, device: torch.device | str = "cpu") -> st
     return "aten"
 
 
-def _kernel_op(name: str):
-    from . import kernels
-
-    return kernels.op(name)
-
-
 class _Mat:
     """One matmul weight of the fast path.
 
@@ -270,7 +262,8 @@ class _Mat:
     it on first use (another copy, only once a larger batch ran: oneDNN is faster there). bf16/fp16
     on a CPU with the instructions where ffnskip's kernel is not used (:func:`onednn_low_precision`;
     fp16, ``FFNSKIP_BF16_KERNEL=onednn``, a failed kernel build): only oneDNN's pre-packed weight,
-    for every row count (no panels are kept); bf16 without them on an AVX2 CPU: the AVX2 kernel's packed ``[out/16, in, 16]`` copy;
+    for every row count (no panels are kept); bf16 without them on an AVX2 CPU: the AVX2 kernel's
+    packed ``[out/16, in, 16]`` copy;
     otherwise (and on CUDA) the weight itself through ``F.linear`` (:func:`matmul_backend` says
     which). oneDNN's bf16 kernels (AVX512_BF16 ``vdpbf16ps``, AMX tiles) accumulate in fp32 and
     give the same bits as ``F.linear``, which transformers calls (tested); ffnskip's kernels round
@@ -285,7 +278,7 @@ class _Mat:
         self.bias = bias  # [out] or None, added after the matmul
         self.weight = weight  # [out, in] for F.linear (bf16/fp16 without oneDNN's kernels), else None
         self._kern = kern  # ffnskip.kernels' packed bf16 weight (kernel ``kernel``), else None
-        self._kop = None if kernel is None else _kernel_op(kernel)
+        self._kop = None if kernel is None else kernels.op(kernel)
         self._big = kernel == "avx512bf16" and onednn_low_precision(torch.bfloat16)  # > MAX_ROWS rows: oneDNN
         self._packable = _ONEDNN and panels is not None and panels.device.type == "cpu" and panels.dtype == torch.float32
         self._packed = packed  # oneDNN's packed [out, in] weight (opaque layout)
@@ -304,8 +297,6 @@ class _Mat:
         if backend == "onednn":  # the bias goes into oneDNN's epilogue, as in F.linear
             return _Mat(None, bias, packed=torch.ops.mkldnn._reorder_linear_weight(w.contiguous()))
         if backend in ("avx512bf16", "avx2") and w.shape[0] % 16 == 0:  # the bias is added in fp32 before the one rounding
-            from . import kernels
-
             return _Mat(None, None if bias is None else bias.contiguous(), kern=kernels.pack_for(backend, w), kernel=backend)
         if backend == "avx512bf16":  # not whole blocks of 16 columns: oneDNN's kernel
             return _Mat(None, bias, packed=torch.ops.mkldnn._reorder_linear_weight(w.contiguous()))
