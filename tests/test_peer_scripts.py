@@ -122,6 +122,9 @@ def test_server_commands_match_model_dtype_threads_and_batch(tmp_path):
         assert ours[ours.index(flag) + 1] == value
     assert int(ours[ours.index("--max-queued-requests") + 1]) >= 32
     assert json.loads(ours[ours.index("--policy-json") + 1]) == {"mode": "dense"}  # not the default policy
+    assert ours[ours.index("--http-ingress") + 1] == "proxy"
+    ha = load_vs_vllm.ours_command(a, 1234, ingress="haproxy")
+    assert ha[ha.index("--http-ingress") + 1] == "haproxy"
     v = load_vs_vllm.vllm_command(a, 4321, "/m")
     assert v[:5] == [str(tmp_path / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", "/m"]
     for flag, value in (("--dtype", "float32"), ("--port", "4321"), ("--max-num-seqs", "32"),

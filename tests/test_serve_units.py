@@ -512,14 +512,16 @@ def test_cli_user_errors_exit_2_before_starting_ray(tmp_path, capsys):
         (["serve", "--model", "no-such-model"], "no-such-model"),
         (["serve", "--max-queued-requests", "-1"], "--max-queued-requests"),
         (["serve", "--host", "0.0.0.0"], "FFNSKIP_API_KEY"),  # reachable from elsewhere, no key: refused
+        (["serve", "--http-ingress", "haproxy", "--address", "127.0.0.1:1"], "--http-ingress haproxy: only for"),
     ]
     for argv, needle in cases:
         assert cli_main(argv) == 2, argv
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err, err
-    with pytest.raises(SystemExit) as ei:
-        cli_main(["serve", "--max-batch-size", "0"])
-    assert ei.value.code == 2
+    for argv in (["serve", "--max-batch-size", "0"], ["serve", "--http-ingress", "nginx"]):
+        with pytest.raises(SystemExit) as ei:
+            cli_main(argv)
+        assert ei.value.code == 2
     from serve.cli import _loopback
 
     assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("localhost") and _loopback("127.3.2.1")
