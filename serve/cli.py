@@ -260,10 +260,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else:
             ray.init(address=args.address, logging_level=logging.WARNING)
         started_ray = True
-        if args.http_ingress == "haproxy":
-            haproxy_dirs = _haproxy_files(ray.get_runtime_context().get_node_id())
         for s in old:  # ray.init installs its own SIGTERM handler (sys.exit): take it back
             signal.signal(s, on_signal)
+        if args.http_ingress == "haproxy":
+            haproxy_dirs = _haproxy_files(ray.get_runtime_context().get_node_id())
         rserve.start(http_options={"host": args.host, "port": args.port}, proxy_location="HeadOnly")
         rserve.run(build_application(sargs, entry), name=APP_NAME, route_prefix="/")
         state["starting"] = False
