@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -287,8 +288,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             _stop_serve(rserve, local=args.address is None)
         ray.shutdown()
         for d in haproxy_dirs:
-            import shutil
-
             shutil.rmtree(d, ignore_errors=True)
         for s, h in old.items():
             signal.signal(s, h)

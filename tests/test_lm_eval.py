@@ -7,10 +7,10 @@ no hub), one ``multiple_choice`` task (loglikelihood: ``echo`` + ``logprobs``) a
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
+import proctrack
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -53,12 +53,6 @@ metric_list:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def endpoint():
     import uvicorn
@@ -73,7 +67,7 @@ def endpoint():
     model, tok = ffnskip.load_model("smollm2-135m")
     pol = SkipPolicy(threshold=0.95, warmup_tokens=2, skip_budget=8, dense_every=0)
     svc = Service(ServeArgs(model="smollm2-135m", batch_wait_ms=1), model, tok, policies.from_dict(pol.to_dict(), "lm-eval"))
-    port = _free_port()
+    port = proctrack.free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(svc), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

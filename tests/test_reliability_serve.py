@@ -16,7 +16,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -80,12 +79,6 @@ def make_tiny_model(d: Path) -> None:
     AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _port_in_use(port: int) -> bool:
     return any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN
                for c in psutil.net_connections(kind="tcp"))
@@ -93,7 +86,7 @@ def _port_in_use(port: int) -> bool:
 
 class Server:
     def __init__(self, d: Path):
-        self.port = _free_port()
+        self.port = proctrack.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = d / "server.log"
         (d / "model").mkdir()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,12 +31,6 @@ POLICY = {"mode": "adaptive", "threshold": 0.9, "warmup_tokens": 2, "skip_budget
 MAX_BATCH = 4
 MAX_QUEUED = 2
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _seed_store(url: str) -> dict:
@@ -85,7 +78,7 @@ def server(tmp_path_factory):
     policy_file.write_text(json.dumps(POLICY))
     db = f"sqlite:///{d / 'store.db'}"
     store = _seed_store(db)
-    port = _free_port()
+    port = proctrack.free_port()
     env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0",
                FFNSKIP_API_KEY=API_KEY, FFNSKIP_ADMIN_KEY=ADMIN_KEY, PYTHONUNBUFFERED="1")
     log = d / "serve.log"
@@ -98,20 +91,8 @@ def server(tmp_path_factory):
 
     srv = Server(f"http://127.0.0.1:{port}", port, proc, log, db, store, from_file(str(policy_file)).policy_id, set())
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            srv.descendants()
-            if proc.poll() is not None:
-                pytest.fail(f"ffnskip serve exited with {proc.returncode}:\n{srv.log_tail()}")
-            try:
-                if httpx.get(f"{srv.url}/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"ffnskip serve did not become healthy:\n{srv.log_tail()}")
-            time.sleep(1)
-        srv.descendants()
+        proctrack.wait_ready(proc, lambda: httpx.get(f"{srv.url}/healthz", timeout=5).status_code == 200,
+                             srv.log_tail, srv.seen, not_yet=(httpx.HTTPError,))
         yield srv
     finally:
         if proc.poll() is None:  # the last test did not run or failed: stop it anyway

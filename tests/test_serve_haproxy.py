@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,12 +27,6 @@ API_KEY = "test-api-key"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _names(seen) -> dict[int, str]:
     out = {}
     for pid, _ in seen:
@@ -47,7 +40,7 @@ def _names(seen) -> dict[int, str]:
 def test_haproxy_ingress_streams_enforces_keys_and_stops_clean(tmp_path):
     import openai
 
-    port = _free_port()
+    port = proctrack.free_port()
     env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0",
                FFNSKIP_API_KEY=API_KEY, PYTHONUNBUFFERED="1")
     log = tmp_path / "serve.log"
@@ -61,22 +54,10 @@ def test_haproxy_ingress_streams_enforces_keys_and_stops_clean(tmp_path):
     def tail() -> str:
         return "\n".join(log.read_text(errors="replace").splitlines()[-60:])
 
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            seen |= proctrack.tree(proc.pid, include_root=False)
-            if proc.poll() is not None:
-                pytest.fail(f"ffnskip serve exited with {proc.returncode}:\n{tail()}")
-            try:  # healthy, and the start-up line printed (HAProxy can answer before `serve.run` returns)
-                if (httpx.get(f"{url}/healthz", timeout=5).status_code == 200
-                        and "ffnskip serve: http" in log.read_text(errors="replace")):
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"ffnskip serve did not become healthy:\n{tail()}")
-            time.sleep(1)
-        seen |= proctrack.tree(proc.pid, include_root=False)
+    try:  # healthy, and the start-up line printed (HAProxy can answer before `serve.run` returns)
+        proctrack.wait_ready(proc, lambda: httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+                             and "ffnskip serve: http" in log.read_text(errors="replace"),
+                             tail, seen, not_yet=(httpx.HTTPError,))
         names = _names(seen)
         haproxy = [pid for pid, n in names.items() if n == "haproxy"]
         assert haproxy, names  # HAProxy, not the Python proxy, takes --port
@@ -107,8 +88,8 @@ def test_haproxy_ingress_streams_enforces_keys_and_stops_clean(tmp_path):
         assert whole.choices[0].text and "".join(pieces) == whole.choices[0].text  # greedy: the same text
         assert chunks >= 3 and usage is not None and usage.completion_tokens == whole.usage.completion_tokens
     finally:
-        seen |= proctrack.tree(proc.pid, include_root=False) if proc.poll() is None else set()
         if proc.poll() is None:
+            seen |= proctrack.tree(proc.pid, include_root=False)
             proc.send_signal(signal.SIGTERM)
         try:
             code = proc.wait(120)
