@@ -348,7 +348,10 @@ async def full_queue_429s(url: str, n_probes: int) -> tuple[list[dict], list[flo
         h = (await client.get("/healthz")).json()
         hold.set()  # every long client leaves
         results = await asyncio.gather(*long)
-        assert h["running"] + h["waiting"] == MAX_BATCH + MAX_QUEUED, h  # still full after the probes
+        # still full after the probes (the message says how the probes fared and how the long rows ended)
+        assert h["running"] + h["waiting"] == MAX_BATCH + MAX_QUEUED, (
+            h, Counter(statuses), [round(x, 3) for x in latencies], Counter(
+                (r["status"], r.get("left"), len(r.get("events", []))) for r in results))
         return results, latencies, statuses
 
 
