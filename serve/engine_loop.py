@@ -159,6 +159,7 @@ class BatchEngine:
         self._live: dict[int, GenRequest] = {}  # row id in the running session -> request
         self._session: DecodeSession | None = None
         self._key: tuple | None = None  # the running session's group key (its policy)
+        self._admitting = 0  # taken from the queue, not yet in _live (lock held to change)
         self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="ffnskip-engine", daemon=True)
@@ -196,8 +197,8 @@ class BatchEngine:
         with self._cond:
             if self._stop or not self._thread.is_alive():
                 raise EngineClosed("the engine is not running")
-            # Room in the running batch plus max_queued more.
-            capacity = self.max_queued + max(0, self.max_batch_size - len(self._live))
+            # Room in the running batch plus max_queued more; requests being admitted count as running.
+            capacity = self.max_queued + max(0, self.max_batch_size - len(self._live) - self._admitting)
             if len(self._pending) >= capacity:
                 raise Overloaded(
                     f"the server is overloaded: {len(self._live)} sequences decoding and "
@@ -252,7 +253,11 @@ class BatchEngine:
             self._run_calls()
             try:
                 if joiners:
-                    self._admit(joiners)
+                    try:
+                        self._admit(joiners)
+                    finally:
+                        with self._cond:
+                            self._admitting = 0
                 if self._live:
                     self._step()
             except BaseException as exc:  # never let the thread die on a batch
@@ -299,6 +304,7 @@ class BatchEngine:
             else:
                 keep.append(r)
         self._pending = keep
+        self._admitting = len(taken)  # until _admit has put them in _live
         return taken
 
     def _admit(self, joiners: list[GenRequest]) -> None:

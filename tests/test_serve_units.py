@@ -5,6 +5,7 @@ and the CLI's user errors."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import httpx
@@ -227,6 +228,40 @@ def test_queue_bound_overloads_and_a_failing_batch_does_not_kill_the_engine(tiny
 
     asyncio.run(run())
     assert len(calls) == 3  # one session each: the failing one, a, then b once a left
+
+
+def test_requests_being_admitted_still_count_against_the_queue_bound(tiny):
+    """While the engine starts a batch (requests taken from the queue, not yet running) the
+    replica is as full as before: no extra request slips in (seen in the overload drill)."""
+    model, tok = tiny
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowStart(DecodeSession):
+        def __init__(self, *a, **kw):
+            entered.set()
+            assert release.wait(30)
+            super().__init__(*a, **kw)
+
+    async def run():
+        eng = BatchEngine(model, tok, max_batch_size=2, batch_wait_s=0.2, max_queued=1, session_factory=SlowStart).start()
+        try:
+            params = SamplingParams(max_new_tokens=2, temperature=0)
+            reqs = [eng.submit(GenRequest([i + 1], params, _entry(SKIPPY))) for i in range(3)]  # 2 to run + 1 queued
+            with pytest.raises(Overloaded):
+                eng.submit(GenRequest([9], params, _entry(SKIPPY)))
+            assert await asyncio.to_thread(entered.wait, 30)  # 2 taken from the queue, the session not yet built
+            assert (eng.running, eng.waiting) == (0, 1)
+            with pytest.raises(Overloaded):
+                eng.submit(GenRequest([9], params, _entry(SKIPPY)))
+            release.set()
+            for r in reqs:
+                toks, done = await _collect(r)
+                assert isinstance(done, DoneItem) and len(toks) == 2
+        finally:
+            release.set()
+            eng.close()
+
+    asyncio.run(run())
 
 
 def test_a_request_joins_a_running_batch_and_decodes_as_alone(tiny):
