@@ -190,6 +190,17 @@ class BatchEngine:
     def running(self) -> int:
         return len(self._live)
 
+    def _room(self) -> int:
+        """(lock held) How many requests may wait: ``max_queued`` plus the batch's free rows;
+        requests being admitted (taken from the queue, not yet in ``_live``) count as running."""
+        return self.max_queued + max(0, self.max_batch_size - len(self._live) - self._admitting)
+
+    @property
+    def full(self) -> bool:
+        """A request submitted now would be refused (:class:`Overloaded`)."""
+        with self._cond:
+            return len(self._pending) >= self._room()
+
     # ------------------------------------------------------------------ submission
     def submit(self, req: GenRequest) -> GenRequest:
         """Queue a request (from a running event loop). Raises :class:`Overloaded` when full."""
@@ -197,9 +208,7 @@ class BatchEngine:
         with self._cond:
             if self._stop or not self._thread.is_alive():
                 raise EngineClosed("the engine is not running")
-            # Room in the running batch plus max_queued more; requests being admitted count as running.
-            capacity = self.max_queued + max(0, self.max_batch_size - len(self._live) - self._admitting)
-            if len(self._pending) >= capacity:
+            if len(self._pending) >= self._room():
                 raise Overloaded(
                     f"the server is overloaded: {len(self._live)} sequences decoding and "
                     f"{len(self._pending)} waiting (queue bound {self.max_queued}); retry later"
@@ -320,12 +329,19 @@ class BatchEngine:
             try:
                 res = self._session.add(r.prompt_ids, r.params)
             except ValueError as exc:  # e.g. prompt + max_tokens beyond the context: this request only
+                with self._cond:
+                    self._admitting -= 1
                 r._post(ErrorItem(exc))
                 continue
             r.started = now
             r.row = res.row
             r.completion = 0
-            self._live[res.row] = r
+            # Running from now on and no longer being admitted, in one step under the lock: a
+            # submit in between would count this request twice and refuse one it has room for
+            # (the overload drill's 429s at 7 rows decoding of 16).
+            with self._cond:
+                self._live[res.row] = r
+                self._admitting -= 1
         for r in self._live.values():
             r.batch_size = len(self._live)
         self.batches += 1

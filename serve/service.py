@@ -408,7 +408,7 @@ class Service:
         """429 now if the engine would refuse the request (its running batch and queue are full);
         the engine's own check at submission stays the one that counts."""
         e = self.engine
-        if e.waiting >= e.max_queued + max(0, e.max_batch_size - e.running):
+        if e.full:
             raise overloaded(f"the server is overloaded: {e.running} sequences decoding and {e.waiting} waiting "
                              f"(queue bound {e.max_queued}); retry later")
 

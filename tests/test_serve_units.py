@@ -264,6 +264,47 @@ def test_requests_being_admitted_still_count_against_the_queue_bound(tiny):
     asyncio.run(run())
 
 
+def test_a_request_being_placed_in_the_batch_counts_once(tiny):
+    """Halfway through admitting a batch (one joiner running, the next not yet placed) the room
+    left is the batch's free rows plus the queue bound: the placed joiner is not also counted
+    as being admitted (which refused requests with rows free: seen in the overload drill)."""
+    model, tok = tiny
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowAdd(DecodeSession):
+        adds = 0
+
+        def add(self, *a, **kw):
+            SlowAdd.adds += 1
+            if SlowAdd.adds == 2:  # the first joiner is in the batch, the second is being placed
+                entered.set()
+                assert release.wait(30)
+            return super().add(*a, **kw)
+
+    async def run():
+        eng = BatchEngine(model, tok, max_batch_size=4, batch_wait_s=0.2, max_queued=1, session_factory=SlowAdd).start()
+        try:
+            params = SamplingParams(max_new_tokens=2, temperature=0)
+            reqs = [eng.submit(GenRequest([i + 1], params, _entry(SKIPPY))) for i in range(2)]  # a batch of 2
+            assert await asyncio.to_thread(entered.wait, 30)
+            assert (eng.running, eng.waiting) == (1, 0)
+            # room: 4 rows - 1 running - 1 being placed = 2 free rows, + 1 queued = 3 more
+            reqs += [eng.submit(GenRequest([5 + i], params, _entry(SKIPPY))) for i in range(3)]
+            assert eng.full
+            with pytest.raises(Overloaded):
+                eng.submit(GenRequest([9], params, _entry(SKIPPY)))
+            release.set()
+            for r in reqs:
+                toks, done = await _collect(r)
+                assert isinstance(done, DoneItem) and len(toks) == 2
+            assert not eng.full
+        finally:
+            release.set()
+            eng.close()
+
+    asyncio.run(run())
+
+
 def test_a_request_joins_a_running_batch_and_decodes_as_alone(tiny):
     """Continuous batching: b arrives while a decodes, joins a's batch at the next step (before a
     ends), leaves at its own length; both decode exactly what they decode alone."""
