@@ -230,6 +230,16 @@ def test_queue_bound_overloads_and_a_failing_batch_does_not_kill_the_engine(tiny
     assert len(calls) == 3  # one session each: the failing one, a, then b once a left
 
 
+async def _refuses_one_more_then_all_decode(eng, reqs, release, params) -> None:
+    """A full engine refuses one more request; released, it decodes every accepted one (2 tokens)."""
+    with pytest.raises(Overloaded):
+        eng.submit(GenRequest([9], params, _entry(SKIPPY)))
+    release.set()
+    for r in reqs:
+        toks, done = await _collect(r)
+        assert isinstance(done, DoneItem) and len(toks) == 2
+
+
 def test_requests_being_admitted_still_count_against_the_queue_bound(tiny):
     """While the engine starts a batch (requests taken from the queue, not yet running) the
     replica is as full as before: no extra request slips in (seen in the overload drill)."""
@@ -251,12 +261,7 @@ def test_requests_being_admitted_still_count_against_the_queue_bound(tiny):
                 eng.submit(GenRequest([9], params, _entry(SKIPPY)))
             assert await asyncio.to_thread(entered.wait, 30)  # 2 taken from the queue, the session not yet built
             assert (eng.running, eng.waiting) == (0, 1)
-            with pytest.raises(Overloaded):
-                eng.submit(GenRequest([9], params, _entry(SKIPPY)))
-            release.set()
-            for r in reqs:
-                toks, done = await _collect(r)
-                assert isinstance(done, DoneItem) and len(toks) == 2
+            await _refuses_one_more_then_all_decode(eng, reqs, release, params)
         finally:
             release.set()
             eng.close()
@@ -291,12 +296,7 @@ def test_a_request_being_placed_in_the_batch_counts_once(tiny):
             # room: 4 rows - 1 running - 1 being placed = 2 free rows, + 1 queued = 3 more
             reqs += [eng.submit(GenRequest([5 + i], params, _entry(SKIPPY))) for i in range(3)]
             assert eng.full
-            with pytest.raises(Overloaded):
-                eng.submit(GenRequest([9], params, _entry(SKIPPY)))
-            release.set()
-            for r in reqs:
-                toks, done = await _collect(r)
-                assert isinstance(done, DoneItem) and len(toks) == 2
+            await _refuses_one_more_then_all_decode(eng, reqs, release, params)
             assert not eng.full
         finally:
             release.set()
