@@ -15,4 +15,5 @@ export HF_HUB_DISABLE_TELEMETRY=1
 # PostgreSQL start-up goes here (to be added), before pytest runs.
 # ---------------------------------------------------------------------------------------------
 
-exec .venv/bin/python -m pytest -q "$@"
+# --durations: the 30 slowest tests at the end of every run, to keep the suite within its 30 minutes
+exec .venv/bin/python -m pytest -q --durations=30 "$@"
