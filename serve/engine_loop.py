@@ -201,6 +201,15 @@ class BatchEngine:
         with self._cond:
             return len(self._pending) >= self._room()
 
+    def check_room(self) -> None:
+        """Raise :class:`Overloaded` (the one overload message) when the batch and the queue are full."""
+        with self._cond:  # re-entrant: submit calls it with the lock held
+            if self.full:
+                raise Overloaded(
+                    f"the server is overloaded: {len(self._live)} sequences decoding and "
+                    f"{len(self._pending)} waiting (queue bound {self.max_queued}); retry later"
+                )
+
     # ------------------------------------------------------------------ submission
     def submit(self, req: GenRequest) -> GenRequest:
         """Queue a request (from a running event loop). Raises :class:`Overloaded` when full."""
@@ -208,11 +217,7 @@ class BatchEngine:
         with self._cond:
             if self._stop or not self._thread.is_alive():
                 raise EngineClosed("the engine is not running")
-            if len(self._pending) >= self._room():
-                raise Overloaded(
-                    f"the server is overloaded: {len(self._live)} sequences decoding and "
-                    f"{len(self._pending)} waiting (queue bound {self.max_queued}); retry later"
-                )
+            self.check_room()
             req.enqueued = time.monotonic()
             self._pending.append(req)
             self._cond.notify_all()

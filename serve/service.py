@@ -407,10 +407,10 @@ class Service:
     def check_room(self) -> None:
         """429 now if the engine would refuse the request (its running batch and queue are full);
         the engine's own check at submission stays the one that counts."""
-        e = self.engine
-        if e.full:
-            raise overloaded(f"the server is overloaded: {e.running} sequences decoding and {e.waiting} waiting "
-                             f"(queue bound {e.max_queued}); retry later")
+        try:
+            self.engine.check_room()
+        except Overloaded as exc:
+            raise overloaded(str(exc)) from None
 
     def submit(self, req: GenerationRequest) -> tuple[GenRequest, ResponseMeta]:
         return self._submit(req, self.prepare(req))
