@@ -111,6 +111,7 @@ def _add_generate(sub) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .decode import SamplingParams, encode_prompt, generate
     from .engine import SeqStats
+    from .fastpath import prepare
 
     policy = policy_from_args(args)
     for i, prompt in enumerate(args.prompts):
@@ -126,6 +127,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
     )
     model, tokenizer = load_model_cli(args)
+    prepare(model)  # the bf16 kernel build (first use on a machine) before the stream starts
     ids = [encode_prompt(tokenizer, p, raw=args.raw) for p in args.prompts]
     results = []
     stream = not args.json

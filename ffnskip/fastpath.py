@@ -478,6 +478,21 @@ def prefill_kernels(model: nn.Module):
     return _KernelLinears(views) if views else contextlib.nullcontext()
 
 
+def prepare(model: nn.Module) -> str:
+    """Do before the first request what the first decode step would do: build or load the bf16
+    kernel library :func:`matmul_backend` picks (a fresh machine compiles it, ~25 s; a server
+    paid that inside its first request) and pack the fast path's weights, kept on the model.
+    Returns the matmul backend; an impossible ``FFNSKIP_BF16_KERNEL`` is an error here, at load."""
+    param = next(model.parameters(), None)
+    if param is None:
+        return "aten"
+    backend = matmul_backend(param.dtype, param.device)
+    if FastDecoder.supports(model, 1) is None:
+        with torch.no_grad():
+            FastDecoder(model, 1, 1, padded=False)  # packs every layer and the LM head onto the model
+    return backend
+
+
 class FastDecoder:
     """Decode steps of one generation (batch B, up to ``max_len`` positions)."""
 

@@ -17,8 +17,10 @@ of the fp32 additions (so outputs agree with F.linear's to the last bf16 bit or 
 
 Each library is built with ``torch.utils.cpp_extension`` (a C++ compiler and ``ninja``, in
 requirements.txt) into ``$FFNSKIP_CACHE_DIR/kernels`` (default ``~/.cache/ffnskip/kernels``),
-once per source, torch and Python version, under cpp_extension's file lock, so concurrent
-processes build it once, and checked on this CPU before use. If it cannot be built, the fast path
+once per content of the sources, torch and Python environment (:func:`build_dir`), under
+cpp_extension's file lock, so concurrent processes build it once, and checked on this CPU before
+use. Servers and the CLI build it when they load a model (:func:`ffnskip.fastpath.prepare`), not
+in the first request. If it cannot be built, the fast path
 logs why and falls back (oneDNN where it has native bf16, else ``F.linear``).
 
 Which bf16 matmul the fast path uses is chosen by ``ffnskip.fastpath.matmul_backend``;
@@ -28,6 +30,7 @@ Which bf16 matmul the fast path uses is chosen by ``ffnskip.fastpath.matmul_back
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import platform
@@ -173,17 +176,47 @@ def _ninja_on_path() -> None:
         raise RuntimeError("ninja is not installed (pip install ninja)")
 
 
+def build_dir(kernel: Kernel) -> Path:
+    """Where ``kernel``'s library is built: a folder named after a hash of everything that goes
+    into it (the sources of ``csrc/``, the flags, the compiler's torch headers and this Python),
+    with its own copy of the sources. A second checkout of the same sources on this machine finds
+    the library built; the sources' absolute path is in cpp_extension's ``build.ninja``, so
+    building from each checkout's own copy made them rebuild each other's library (~25 s, seen
+    inside a server's first request)."""
+    from torch.utils import cpp_extension
+
+    h = hashlib.sha256()
+    for f in sorted(_CSRC.iterdir()):
+        if f.suffix in (".cpp", ".h"):
+            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    h.update(repr((kernel.cflags, cpp_extension.include_paths(), sys.executable)).encode())
+    return cache_dir() / f"{kernel.source.stem}-{h.hexdigest()[:16]}"
+
+
+def _sources(build: Path) -> Path:
+    """Copy ``csrc/`` into ``build/src`` (once: the folder is named after its contents, and an
+    unchanged file keeps its time, so ninja does not rebuild); the copied directory."""
+    src = build / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    for f in _CSRC.iterdir():
+        if f.suffix in (".cpp", ".h") and not (src / f.name).exists():
+            tmp = src / f".{f.name}.{os.getpid()}.tmp"
+            shutil.copyfile(f, tmp)
+            os.replace(tmp, src / f.name)  # whole or absent, if another process copies it too
+    return src
+
+
 def _build(kernel: Kernel) -> bool:
     from torch.utils import cpp_extension
 
     _ninja_on_path()
-    build = cache_dir() / kernel.source.stem
-    build.mkdir(parents=True, exist_ok=True)
+    build = build_dir(kernel)
     if not hasattr(torch.ops.ffnskip, kernel.op):
         started = time.monotonic()
         log.info("ffnskip: loading the %s bf16 kernel from %s (the first time this compiles it, under a minute)", kernel.what, build)
+        source = _sources(build) / kernel.source.name
         cpp_extension.load(
-            f"ffnskip_{kernel.source.stem}", [str(kernel.source)], build_directory=str(build), is_python_module=False,
+            f"ffnskip_{kernel.source.stem}", [str(source)], build_directory=str(build), is_python_module=False,
             extra_cflags=["-O3", *kernel.cflags, "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
         log.info("ffnskip: %s bf16 kernel ready in %.1f s", kernel.what, time.monotonic() - started)
     # A check on this CPU before any model uses it: the kernel's rounding against fp32 math.

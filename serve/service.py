@@ -129,10 +129,14 @@ class Service:
         import torch
 
         import ffnskip
+        from ffnskip.fastpath import prepare
 
         torch.set_num_threads(args.threads)
         entry = entry or policies.startup_entry(args)
         model, tokenizer = ffnskip.load_model(args.model, dtype=args.dtype, device=args.device)
+        started = time.monotonic()
+        backend = prepare(model)  # the kernel build and weight packing, not inside the first request
+        log.info("decode prepared in %.1f s (matmuls: %s)", time.monotonic() - started, backend)
         return cls(args, model, tokenizer, entry, api_key=os.environ.get(ENV_API_KEY),
                    admin_key=os.environ.get(ENV_ADMIN_KEY))
 

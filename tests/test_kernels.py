@@ -317,3 +317,70 @@ def test_the_prompt_pass_runs_the_kernel_on_the_decode_steps_packed_weights(kern
         ref = prefill(model, *args, new_cache(model))
     assert torch.allclose(logits.float(), ref.float(), rtol=0.02, atol=0.02 * ref.float().abs().max().item())
     assert logits.argmax().item() == ref.argmax().item()
+
+
+def test_the_build_folder_is_named_after_the_sources_contents_not_their_path(tmp_path, monkeypatch):
+    """Two checkouts of the same sources share one built library; a changed source gets its own."""
+    one, two = tmp_path / "checkout1" / "csrc", tmp_path / "checkout2" / "csrc"
+    for d in (one, two):
+        d.mkdir(parents=True)
+        for f in kernels._CSRC.iterdir():
+            (d / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setenv("FFNSKIP_CACHE_DIR", str(tmp_path / "cache"))
+    dirs = {}
+    for name, d in (("one", one), ("two", two)):
+        monkeypatch.setattr(kernels, "_CSRC", d)
+        dirs[name] = {k: kernels.build_dir(kernel) for k, kernel in kernels.KERNELS.items()}
+    assert dirs["one"] == dirs["two"]
+    assert dirs["one"]["avx2"] != dirs["one"]["avx512bf16"]  # other flags
+    assert all(p.parent == kernels.cache_dir() for p in dirs["one"].values())
+    (two / "decode_ops.h").write_text((two / "decode_ops.h").read_text() + "\n// changed\n")
+    assert kernels.build_dir(kernels.KERNELS["avx2"]) != dirs["one"]["avx2"]  # a header counts too
+    # The sources are compiled from the build folder's own copy, made once (a copy keeps its time).
+    src = kernels._sources(dirs["one"]["avx2"])
+    assert sorted(p.name for p in src.iterdir()) == sorted(p.name for p in one.iterdir())
+    stamp = (src / "decode_ops.h").stat().st_mtime_ns
+    kernels._sources(dirs["one"]["avx2"])
+    assert (src / "decode_ops.h").stat().st_mtime_ns == stamp
+
+
+@needs_avx2
+def test_a_second_checkout_loads_the_built_library_without_rebuilding_it(tmp_path):
+    """What made a server's first request take 25 s: a checkout at another path rebuilt the library
+    (its absolute source path was in build.ninja). Now another copy of the same sources loads it."""
+    import subprocess
+    import sys
+
+    copy = tmp_path / "csrc"
+    copy.mkdir()
+    for f in kernels._CSRC.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    assert kernels.load("avx2"), kernels.error("avx2")  # built (or found) from this checkout
+    lib = next(kernels.build_dir(kernels.KERNELS["avx2"]).glob("*.so"))
+    stamp = lib.stat().st_mtime_ns
+    script = ("import pathlib, sys; from ffnskip import kernels; kernels._CSRC = pathlib.Path(sys.argv[1]); "
+              "assert kernels.load('avx2'), kernels.error('avx2'); print(kernels.build_dir(kernels.KERNELS['avx2']))")
+    out = subprocess.run([sys.executable, "-c", script, str(copy)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(lib.parent)
+    assert lib.stat().st_mtime_ns == stamp  # not rebuilt
+
+
+def test_prepare_builds_the_kernel_and_packs_the_weights_before_the_first_step(monkeypatch):
+    from ffnskip.fastpath import prepare
+
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    model = tiny_model("llama").to(torch.bfloat16)
+    backend = prepare(model)
+    assert backend == matmul_backend(torch.bfloat16)
+    for layer in model.model.layers:
+        assert hasattr(layer, "_ffnskip_panels")  # what the first FastDecoder would have packed
+    assert model._ffnskip_head[1][3] == backend
+    if backend in kernels.KERNELS:
+        assert hasattr(torch.ops.ffnskip, kernels.KERNELS[backend].op)
+    packed = [layer._ffnskip_panels for layer in model.model.layers]
+    out = list(generate(model, TOK, [PROMPTS[0]], SkipPolicy.dense(), SamplingParams(max_new_tokens=3, ignore_eos=True), fast=True))
+    assert out and all(layer._ffnskip_panels is p for layer, p in zip(model.model.layers, packed))  # reused
+    monkeypatch.setenv(kernels.ENV, "nonsense")
+    with pytest.raises(ValueError, match=f"{kernels.ENV}='nonsense'"):
+        prepare(model)  # at load, not in the first request
