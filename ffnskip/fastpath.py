@@ -64,7 +64,6 @@ from . import kernels
 from .adapters import FastLayout, UnsupportedArchitecture, get_adapter
 from .adapters.base import get_path
 from .engine import SkipController, skip_whole_layer
-from .kernels import MAX_ROWS as _KERNEL_MAX_ROWS
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +105,8 @@ def numerics_key(device: torch.device | str = "cpu", dtype: torch.dtype | None =
         key["accelerator"] = torch.cuda.get_device_name(device)
     if dtype is not None:
         key["matmul"] = matmul_backend(dtype, device)
+        if key["matmul"] in kernels.KERNELS:
+            key["kernel_rows"] = kernels.max_rows(key["matmul"])  # which row counts it takes, oneDNN the rest
     return key
 
 
@@ -211,7 +212,7 @@ def matmul_backend(dtype: torch.dtype, device: torch.device | str = "cpu") -> st
     * ``"panels"``: fp32 (and fp32 on accelerators): column panels, oneDNN's packed fp32 weight
       for several rows on CPU (``_Mat``);
     * ``"avx512bf16"``: bf16 on an x86-64 CPU with AVX512_BF16: :mod:`ffnskip.kernels`' VDPBF16PS
-      kernel up to ``kernels.MAX_ROWS`` rows, oneDNN's packed bf16 weight for more (built on first
+      kernel up to ``kernels.max_rows`` rows (8; 2 with AMX), oneDNN's packed bf16 weight for more (built on first
       use; if the build fails, logged, ``"onednn"``);
     * ``"onednn"``: bf16/fp16 on a CPU with the instructions (:func:`onednn_low_precision`);
     * ``"avx2"``: bf16 on an x86-64 CPU with AVX2 + FMA but neither AVX512_BF16 nor AMX:
@@ -258,7 +259,7 @@ class _Mat:
     more copy of the weight, only once a batch has run.
 
     bf16 on a CPU with AVX512_BF16: :mod:`ffnskip.kernels`' packed ``[out/16, in/2, 16, 2]`` copy
-    for up to ``kernels.MAX_ROWS`` rows, and for more rows oneDNN's pre-packed weight, built from
+    for up to ``kernels.max_rows`` rows (8; 2 on a CPU with AMX), and for more rows oneDNN's pre-packed weight, built from
     it on first use (another copy, only once a larger batch ran: oneDNN is faster there). bf16/fp16
     on a CPU with the instructions where ffnskip's kernel is not used (:func:`onednn_low_precision`;
     fp16, ``FFNSKIP_BF16_KERNEL=onednn``, a failed kernel build): only oneDNN's pre-packed weight,
@@ -270,7 +271,7 @@ class _Mat:
     where F.linear rounds, with their own order of fp32 additions; ``bmm`` over bf16 panels runs
     ~2x slower on the AMD EPYC (Zen 4) here, and the LM head ~3x."""
 
-    __slots__ = ("panels", "bias", "weight", "_kern", "_kop", "_big", "_packable", "_packed", "_handle", "__weakref__")
+    __slots__ = ("panels", "bias", "weight", "_kern", "_kop", "_rows", "_packable", "_packed", "_handle", "__weakref__")
 
     def __init__(self, panels: torch.Tensor | None, bias: torch.Tensor | None = None, packed=None, weight=None,
                  kern: torch.Tensor | None = None, kernel: str | None = None) -> None:
@@ -279,7 +280,8 @@ class _Mat:
         self.weight = weight  # [out, in] for F.linear (bf16/fp16 without oneDNN's kernels), else None
         self._kern = kern  # ffnskip.kernels' packed bf16 weight (kernel ``kernel``), else None
         self._kop = None if kernel is None else kernels.op(kernel)
-        self._big = kernel == "avx512bf16" and onednn_low_precision(torch.bfloat16)  # > MAX_ROWS rows: oneDNN
+        big = kernel == "avx512bf16" and onednn_low_precision(torch.bfloat16)  # more rows than the kernel takes: oneDNN
+        self._rows = kernels.max_rows(kernel) if big else None  # up to this many rows per call: the kernel
         self._packable = _ONEDNN and panels is not None and panels.device.type == "cpu" and panels.dtype == torch.float32
         self._packed = packed  # oneDNN's packed [out, in] weight (opaque layout)
         self._handle = None  # ffnskip.compiled's handle, once a compiled layer used it
@@ -309,10 +311,10 @@ class _Mat:
                 return F.linear(x, self.weight, self.bias)  # [R, 1, out]
             R, _, k = x.shape
             if self._kern is not None:
-                if R <= _KERNEL_MAX_ROWS or not self._big:
+                if self._rows is None or R <= self._rows:
                     y = self._kop(x.reshape(R, k), self._kern, self.bias)  # [R, out]
                     return y.view(R, 1, y.shape[-1])
-                if self._packed is None:  # a larger batch on AVX512_BF16: oneDNN's packed copy, once
+                if self._packed is None:  # a larger batch where oneDNN has bf16: its packed copy, once
                     n, pairs = self._kern.shape[0] * 16, self._kern.shape[1]
                     dense = self._kern.transpose(1, 2).reshape(n, 2 * pairs)[:, :k].contiguous()  # [out, in]
                     self._packed = torch.ops.mkldnn._reorder_linear_weight(dense)
@@ -394,18 +396,22 @@ class _KernelLinears(TorchFunctionMode):
     Measured, SmolLM2-135M: on Zen 3 (AVX2), where ``F.linear`` in bf16 is slow, a 112-token prompt
     1.76 s -> 0.49 s, a 14-token one 0.24 s -> 0.13 s; on Zen 4 (AVX512_BF16) against oneDNN's
     ``F.linear``, 14 tokens 66 -> 38 ms, 112 tokens 138 -> 120 ms, on par at 256 and 1024 tokens.
+    On a CPU with AMX-BF16 a prompt of more than :func:`kernels.max_rows` tokens per row is left to
+    ``F.linear`` (oneDNN on AMX tiles, faster there from 3 rows, ``benchmarks/bf16_kernel.py``).
     Every other call passes through unchanged."""
 
-    def __init__(self, views: dict) -> None:
+    def __init__(self, views: dict, rows: int | None = None) -> None:
         super().__init__()
         self.views = views
+        self.rows = rows  # at most this many rows through the kernel (None: any)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear and len(args) >= 2:
             x, w = args[0], args[1]
             hit = self.views.get(id(w))
-            if hit is not None and hit[0] is w and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            if (hit is not None and hit[0] is w and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+                    and (self.rows is None or x.numel() // x.shape[-1] <= self.rows)):
                 b = args[2] if len(args) > 2 else kwargs.get("bias")
                 y = kernels.linear(x.reshape(-1, x.shape[-1]), hit[1], b)  # [rows, N]
                 return y.view(*x.shape[:-1], y.shape[-1])
@@ -475,7 +481,9 @@ def prefill_kernels(model: nn.Module):
         views = _kernel_views(model)
     except AttributeError:  # an unexpected layout: FastDecoder.supports says which
         return contextlib.nullcontext()
-    return _KernelLinears(views) if views else contextlib.nullcontext()
+    amx = backend == "avx512bf16" and kernels.has_amx_bf16() and onednn_low_precision(param.dtype)
+    rows = kernels.max_rows(backend) if amx else None
+    return _KernelLinears(views, rows) if views else contextlib.nullcontext()
 
 
 def prepare(model: nn.Module) -> str:

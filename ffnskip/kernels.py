@@ -6,7 +6,11 @@ step's small row counts on x86-64.
   weight (:func:`pack_avx512`), so that one 64-byte load feeds one ``VDPBF16PS`` (two products of
   16 columns added into fp32 sums). Measured on AMD EPYC Zen 4 (``benchmarks/bf16_kernel.py``):
   1.3-2x oneDNN's packed bf16 linear at 1-8 rows with the weights streaming from memory, slower
-  than oneDNN from about 12 rows on, so the fast path uses it up to :data:`MAX_ROWS` rows.
+  than oneDNN from about 12 rows on, so the fast path uses it up to :data:`MAX_ROWS` rows. On an
+  Intel Xeon with AMX-BF16 oneDNN multiplies on AMX tiles, flat in the row count: there the kernel
+  is faster at 1-2 rows and slower from 3 (the LM head) or 5 (the layers) on, so it takes up to
+  :data:`AMX_MAX_ROWS` rows, and the prompt pass leaves longer prompts to oneDNN
+  (:func:`max_rows`).
 * ``avx2`` (``csrc/bf16_linear_avx2.cpp``), for CPUs with AVX2 and FMA but no AVX512_BF16 or AMX
   (for example AMD EPYC Zen 3), where oneDNN has no native bf16 kernel and ``F.linear`` in bf16
   runs at or below fp32 speed: a ``[N/16, K, 16]`` packed copy (:func:`pack`), bf16 widened to
@@ -49,6 +53,8 @@ ENV = "FFNSKIP_BF16_KERNEL"
 BACKENDS = ("auto", "onednn", "avx512bf16", "avx2", "aten")
 BLOCK = 16  # output columns per packed block (both kernels)
 MAX_ROWS = 8  # the fast path runs ffnskip's kernels up to this many rows per call, oneDNN above (where it has bf16)
+AMX_MAX_ROWS = 2  # the same on a CPU with AMX-BF16, where oneDNN's tiles are faster from 3 rows (benchmarks/bf16_kernel.py)
+ROWS_ENV = "FFNSKIP_BF16_KERNEL_ROWS"  # overrides MAX_ROWS / AMX_MAX_ROWS, for measurements
 _CSRC = Path(__file__).with_name("csrc")
 
 
@@ -111,6 +117,27 @@ def cache_dir() -> Path:
     root = Path(base).expanduser() if base else Path.home() / ".cache" / "ffnskip"
     tag = f"torch{torch.__version__.split('+')[0]}-py{sys.version_info.major}{sys.version_info.minor}"
     return root / "kernels" / tag
+
+
+def max_rows(name: str) -> int:
+    """Up to how many rows per call the fast path runs ffnskip's kernel ``name`` where oneDNN has a
+    native bf16 kernel for more (AVX512_BF16 or AMX): ``$FFNSKIP_BF16_KERNEL_ROWS`` if set, else
+    :data:`AMX_MAX_ROWS` on a CPU with AMX-BF16 (oneDNN's tiles), else :data:`MAX_ROWS`. Where
+    oneDNN has no bf16 kernel (AVX2 only) the kernel takes every row count."""
+    value = os.environ.get(ROWS_ENV, "").strip()
+    if value:
+        try:
+            rows = int(value)
+        except ValueError:
+            rows = -1
+        if rows < 1:
+            raise ValueError(f"{ROWS_ENV}={value!r}: use a whole number of rows >= 1")
+        return rows
+    return AMX_MAX_ROWS if name == "avx512bf16" and has_amx_bf16() else MAX_ROWS
+
+
+def has_amx_bf16() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64") and "amx_bf16" in cpu_flags()
 
 
 def requested() -> str:

@@ -244,7 +244,7 @@ def test_the_backend_choice_follows_the_cpu_and_the_variable(monkeypatch):
 @pytest.mark.skipif(not (kernels.has_avx512_bf16() and onednn_low_precision(torch.bfloat16)),
                     reason="needs a CPU with AVX512_BF16")
 def test_more_rows_than_the_kernel_takes_go_to_onednn_built_once(monkeypatch):
-    """On AVX512_BF16 the kernel takes up to kernels.MAX_ROWS rows; a larger batch runs oneDNN's
+    """On AVX512_BF16 the kernel takes up to kernels.max_rows rows; a larger batch runs oneDNN's
     packed weight, made from the kernel's copy on first use and kept."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -254,8 +254,9 @@ def test_more_rows_than_the_kernel_takes_go_to_onednn_built_once(monkeypatch):
     b = torch.randn(64, generator=g).bfloat16()
     m = _Mat.of(w, 2, b)
     assert m._kern is not None and m._packed is None
-    small = torch.randn(kernels.MAX_ROWS, 1, 40, generator=g).bfloat16()
-    big = torch.randn(kernels.MAX_ROWS + 1, 1, 40, generator=g).bfloat16()
+    limit = kernels.max_rows("avx512bf16")
+    small = torch.randn(limit, 1, 40, generator=g).bfloat16()
+    big = torch.randn(limit + 1, 1, 40, generator=g).bfloat16()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         ys = m(small)
     assert m._packed is None and any(e.key == "ffnskip::bf16_linear_avx512" for e in prof.key_averages())
@@ -299,6 +300,7 @@ def test_the_prompt_pass_runs_the_kernel_on_the_decode_steps_packed_weights(kern
     from ffnskip.decode import new_cache, prefill
     from ffnskip.fastpath import prefill_kernels
 
+    monkeypatch.setattr(kernels, "has_amx_bf16", lambda: False)  # with AMX only short prompts: the next test
     model = tiny_model("qwen3").to(torch.bfloat16)  # q/k/v biases off, q/k norms: every linear of the family
     ids = torch.tensor([PROMPTS[2]])
     args = (ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])
@@ -384,3 +386,46 @@ def test_prepare_builds_the_kernel_and_packs_the_weights_before_the_first_step(m
     monkeypatch.setenv(kernels.ENV, "nonsense")
     with pytest.raises(ValueError, match=f"{kernels.ENV}='nonsense'"):
         prepare(model)  # at load, not in the first request
+
+
+def test_the_kernel_takes_fewer_rows_where_onednn_has_amx_tiles(monkeypatch):
+    """Measured on an Intel Xeon with AMX (benchmarks/bf16_kernel.py): oneDNN's AMX kernel is flat in
+    the row count and faster than ffnskip's from 3 rows, so there the kernel takes up to 2."""
+    monkeypatch.delenv(kernels.ROWS_ENV, raising=False)
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "x86_64")
+    avx512 = {"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16"}
+    monkeypatch.setattr(kernels, "_state", {"flags": frozenset(avx512)})  # AMD Zen 4
+    assert (kernels.max_rows("avx512bf16"), kernels.max_rows("avx2")) == (kernels.MAX_ROWS, kernels.MAX_ROWS) == (8, 8)
+    monkeypatch.setattr(kernels, "_state", {"flags": frozenset(avx512 | {"amx_tile", "amx_bf16"})})  # Sapphire Rapids
+    assert (kernels.max_rows("avx512bf16"), kernels.max_rows("avx2")) == (kernels.AMX_MAX_ROWS, 8) == (2, 8)
+    monkeypatch.setenv(kernels.ROWS_ENV, "5")
+    assert kernels.max_rows("avx512bf16") == 5
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv(kernels.ROWS_ENV, bad)
+        with pytest.raises(ValueError, match=f"{kernels.ROWS_ENV}='{bad}': use a whole number"):
+            kernels.max_rows("avx512bf16")
+
+
+@pytest.mark.skipif(not (kernels.has_avx512_bf16() and onednn_low_precision(torch.bfloat16)),
+                    reason="needs a CPU with AVX512_BF16")
+def test_on_amx_a_prompt_longer_than_the_kernels_rows_runs_onednn(monkeypatch):
+    from torch.profiler import ProfilerActivity, profile
+
+    from ffnskip.decode import new_cache, prefill
+
+    monkeypatch.setenv(kernels.ENV, "avx512bf16")
+    monkeypatch.setenv(kernels.ROWS_ENV, "2")
+    monkeypatch.setattr(kernels, "has_amx_bf16", lambda: True)
+    model = tiny_model("llama").to(torch.bfloat16)
+
+    def kernel_calls(prompt):
+        ids = torch.tensor([prompt])
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            prefill(model, ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None], new_cache(model))
+        return sum(e.count for e in prof.key_averages() if e.key == "ffnskip::bf16_linear_avx512")
+
+    two, three = kernel_calls([5, 17]), kernel_calls([5, 17, 33])
+    assert two >= 7 * model.config.num_hidden_layers  # every linear
+    assert three == 1  # only the LM head, on the last position's one row
+    monkeypatch.setattr(kernels, "has_amx_bf16", lambda: False)  # Zen 4: every prompt through the kernel
+    assert kernel_calls([5, 17, 33]) == two
