@@ -18,7 +18,7 @@ from ffnskip.policy import PolicyError
 
 from . import policies
 from .config import ServeArgs
-from .engine_loop import BatchEngine, DoneItem, EngineClosed, ErrorItem, GenRequest, Overloaded, TokenItem
+from .engine_loop import BatchEngine, DoneItem, EngineClosed, ErrorItem, GenRequest, Overloaded, TokenItem, TorchThread
 from .metrics import ServeMetrics
 from .policies import PolicyEntry, PolicyHolder, PolicySourceError
 from .protocol import (
@@ -68,7 +68,7 @@ class Service:
     """One replica's request handling around a loaded model."""
 
     def __init__(self, args: ServeArgs, model, tokenizer, entry: PolicyEntry, *, api_key: str | None = None,
-                 admin_key: str | None = None):
+                 admin_key: str | None = None, thread: TorchThread | None = None):
         from ffnskip.adapters import get_adapter
 
         self.args = args
@@ -92,7 +92,9 @@ class Service:
         self._cancel_metrics()
         self.engine = BatchEngine(model, tokenizer, max_batch_size=args.max_batch_size,
                                   batch_wait_s=args.batch_wait_ms / 1000.0, max_queued=args.max_queued_requests,
-                                  prefill_chunk=args.prefill_chunk, on_batch=self.metrics.batch_size.observe).start()
+                                  prefill_chunk=args.prefill_chunk, on_batch=self.metrics.batch_size.observe,
+                                  thread=thread).start()
+        self._torch_thread = thread
         self.started = time.time()
         #: Set by the deployment: which replica answers (``/healthz``).
         self.replica_id: str | None = None
@@ -133,15 +135,27 @@ class Service:
 
         torch.set_num_threads(args.threads)
         entry = entry or policies.startup_entry(args)
-        model, tokenizer = ffnskip.load_model(args.model, dtype=args.dtype, device=args.device)
-        started = time.monotonic()
-        backend = prepare(model)  # the kernel build and weight packing, not inside the first request
-        log.info("decode prepared in %.1f s (matmuls: %s)", time.monotonic() - started, backend)
-        return cls(args, model, tokenizer, entry, api_key=os.environ.get(ENV_API_KEY),
-                   admin_key=os.environ.get(ENV_ADMIN_KEY))
+        runner = TorchThread(args.threads)  # loads the model, then runs the decode loop (TorchThread says why)
+
+        def load():
+            model, tokenizer = ffnskip.load_model(args.model, dtype=args.dtype, device=args.device)
+            started = time.monotonic()
+            backend = prepare(model)  # the kernel build and weight packing, not inside the first request
+            log.info("decode prepared in %.1f s (matmuls: %s)", time.monotonic() - started, backend)
+            return model, tokenizer
+
+        try:
+            model, tokenizer = runner.run(load)
+            return cls(args, model, tokenizer, entry, api_key=os.environ.get(ENV_API_KEY),
+                       admin_key=os.environ.get(ENV_ADMIN_KEY), thread=runner)
+        except BaseException:
+            runner.stop()
+            raise
 
     def close(self) -> None:
         self.engine.close()
+        if self._torch_thread is not None:
+            self._torch_thread.stop()
 
     # ------------------------------------------------------------------ auth
     def check_api_key(self, authorization: str | None) -> None:

@@ -16,7 +16,7 @@ from ffnskip import DecodeSession, SamplingParams, SkipPolicy, generate, generat
 from ffnskip.cli import main as cli_main
 from serve import policies
 from serve.config import ServeArgs
-from serve.engine_loop import BatchEngine, DoneItem, ErrorItem, GenRequest, Overloaded, TokenItem
+from serve.engine_loop import BatchEngine, DoneItem, ErrorItem, GenRequest, Overloaded, TokenItem, TorchThread
 from serve.protocol import APIError, parse_chat, parse_completion, parse_json_body, parse_sse
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -664,3 +664,69 @@ def test_prefill_chunk_flag_reaches_the_engine_and_bad_values_name_the_flag(tiny
         assert service.engine.prefill_chunk == 7
     finally:
         service.close()
+
+
+# ---------------------------------------------------------------------- one torch thread
+def test_the_torch_thread_runs_jobs_in_order_with_its_thread_count_and_hands_back_errors():
+    import torch
+
+    runner = TorchThread(threads=1)
+    try:
+        seen = []
+        assert runner.run(lambda: (seen.append(threading.current_thread()), torch.get_num_threads())[1]) == 1
+        assert seen == [runner.thread] and threading.current_thread() is not runner.thread
+        with pytest.raises(ZeroDivisionError):
+            runner.run(lambda: 1 / 0)
+        assert runner.run(lambda: "still serving") == "still serving"
+    finally:
+        runner.stop()
+    assert not runner.thread.is_alive()
+    with pytest.raises(RuntimeError, match="stopped"):
+        runner.submit(lambda: None)
+
+
+def test_the_engine_decodes_on_the_thread_that_loaded_the_model(tiny):
+    """Service.load loads the model on a TorchThread and the engine decodes there, with the
+    replica's thread count (a second OpenMP master halved the server's batch-1 speed on a Xeon)."""
+    import torch
+
+    runner = TorchThread(threads=1)
+    model, tok = runner.run(lambda: tiny)  # as Service.load does with load_model
+    where = []
+
+    class WhereSession(DecodeSession):
+        def step(self):
+            where.append((threading.current_thread(), torch.get_num_threads()))
+            return super().step()
+
+    async def run():
+        eng = BatchEngine(model, tok, max_batch_size=2, batch_wait_s=0.0, session_factory=WhereSession,
+                          thread=runner).start()
+        try:
+            assert eng.alive
+            req = eng.submit(GenRequest([1, 2, 3], SamplingParams(max_new_tokens=4, temperature=0), _entry(SKIPPY)))
+            toks, done = await _collect(req)
+            return eng, done
+        finally:
+            eng.close()
+
+    eng, done = asyncio.run(run())
+    try:
+        assert done.completion_tokens == 4 and where
+        assert set(where) == {(runner.thread, 1)}
+        assert not eng.alive and runner.thread.is_alive()  # the loop ended; the thread stays for its owner
+    finally:
+        runner.stop()
+    assert not runner.thread.is_alive()
+
+
+def test_a_service_stops_its_torch_thread_when_it_closes(tiny):
+    from serve.service import Service
+
+    runner = TorchThread(threads=1)
+    model, tok = tiny
+    svc = Service(ServeArgs(model="tiny", batch_wait_ms=1), model, tok, policies.from_dict(SKIPPY.to_dict(), "start"),
+                  thread=runner)
+    assert svc.engine.alive and svc.engine._thread is runner.thread
+    svc.close()
+    assert not svc.engine.alive and not runner.thread.is_alive()
