@@ -136,6 +136,15 @@ class GenRequest:
         return (json.dumps(self.entry.policy.to_dict(), sort_keys=True),)
 
 
+def _settle(fn: Callable[[], Any], fut: concurrent.futures.Future) -> None:
+    """Run a queued call unless it was cancelled: its result, or its exception, to the caller."""
+    if fut.set_running_or_notify_cancel():
+        try:
+            fut.set_result(fn())
+        except BaseException as exc:  # noqa: BLE001 - the caller gets it; the loop goes on
+            fut.set_exception(exc)
+
+
 class TorchThread:
     """One thread for all of a replica's torch work: loading the model and the engine's decode loop.
 
@@ -167,11 +176,7 @@ class TorchThread:
                 if not self._jobs:
                     return
                 fn, fut = self._jobs.popleft()
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn())
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                    fut.set_exception(exc)
+            _settle(fn, fut)
 
     def submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -317,11 +322,7 @@ class BatchEngine:
                 if not self._calls:
                     return
                 fn, fut = self._calls.popleft()
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn())
-                except BaseException as exc:  # the caller gets it; the loop goes on
-                    fut.set_exception(exc)
+            _settle(fn, fut)
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
