@@ -127,7 +127,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
     )
     model, tokenizer = load_model_cli(args)
-    prepare(model)  # the bf16 kernel build (first use on a machine) before the stream starts
+    prepare(model)  # the kernel library build (first use on a machine) before the stream starts
     ids = [encode_prompt(tokenizer, p, raw=args.raw) for p in args.prompts]
     results = []
     stream = not args.json

@@ -248,7 +248,7 @@ def drop_columns(cache, n: int) -> None:
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] -> tokens [B] (greedy when temperature == 0)."""
     if params.temperature == 0:
-        return kernels.greedy(logits)  # logits.argmax(dim=-1), faster for bf16 on CPU
+        return kernels.greedy(logits)  # logits.argmax(dim=-1), faster on CPU once a kernel library is loaded
     logits = logits.float() / params.temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [B, 1]
@@ -542,7 +542,7 @@ class DecodeSession:
     def _sample(self) -> torch.Tensor:
         """Each row's next token from :attr:`logits` [B, V] with its own sampling -> [B]."""
         if all(r.params.temperature == 0 for r in self.rows):
-            return kernels.greedy(self.logits)  # logits.argmax(dim=-1), faster for bf16 on CPU
+            return kernels.greedy(self.logits)  # logits.argmax(dim=-1), faster on CPU once a kernel library is loaded
         return torch.cat([sample(self.logits[b : b + 1], r.params, r.generator) for b, r in enumerate(self.rows)])
 
     def _leave(self, gone: list[int]) -> None:

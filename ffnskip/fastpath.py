@@ -107,6 +107,7 @@ def numerics_key(device: torch.device | str = "cpu", dtype: torch.dtype | None =
         key["matmul"] = matmul_backend(dtype, device)
         if key["matmul"] in kernels.KERNELS:
             key["kernel_rows"] = kernels.max_rows(key["matmul"])  # which row counts it takes, oneDNN the rest
+        key["small_ops"] = small_ops(dtype, device) or "aten"  # RMSNorm's order of additions
     return key
 
 
@@ -204,6 +205,20 @@ def onednn_low_precision(dtype: torch.dtype, device: torch.device | str = "cpu")
     except (AttributeError, RuntimeError):
         return False
     return False
+
+
+def small_ops(dtype: torch.dtype, device: torch.device | str = "cpu") -> str | None:
+    """Which kernel library's fused small ops (RMSNorm, RoPE with the cache writes, argmax:
+    :class:`kernels.DecodeOps`) the fast path runs instead of ATen's: in bf16 the library whose
+    kernel runs the matmuls (:func:`matmul_backend`); in fp32 on an x86-64 CPU the one
+    :func:`kernels.fp32_ops` picks (the matmuls stay the panels); None elsewhere (ATen's ops)."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return None
+    if dtype == torch.float32:
+        return kernels.fp32_ops()
+    backend = matmul_backend(dtype, device)
+    return backend if backend in kernels.KERNELS else None
 
 
 def matmul_backend(dtype: torch.dtype, device: torch.device | str = "cpu") -> str:
@@ -487,8 +502,8 @@ def prefill_kernels(model: nn.Module):
 
 
 def prepare(model: nn.Module) -> str:
-    """Do before the first request what the first decode step would do: build or load the bf16
-    kernel library :func:`matmul_backend` picks (a fresh machine compiles it, ~25 s; a server
+    """Do before the first request what the first decode step would do: build or load the kernel
+    library :func:`matmul_backend` and :func:`small_ops` pick (a fresh machine compiles it, ~25 s; a server
     paid that inside its first request) and pack the fast path's weights, kept on the model.
     Returns the matmul backend; an impossible ``FFNSKIP_BF16_KERNEL`` is an error here, at load."""
     param = next(model.parameters(), None)
@@ -561,10 +576,10 @@ class FastDecoder:
         self.rotary = get_path(model, lay.rotary)
         self.final_norm = get_path(model, lay.final_norm)
         p = next(model.parameters())
-        # bf16 on a CPU where one of ffnskip's kernels runs the matmuls: its library's fused RMSNorm
-        # too (kernels.DecodeOps: transformers' rounding points, one call instead of four)
-        backend = matmul_backend(p.dtype, p.device)
-        self.ops = kernels.decode_ops(backend) if p.device.type == "cpu" and backend in kernels.KERNELS else None
+        # the kernel library's fused RMSNorm, RoPE + cache writes and argmax (kernels.DecodeOps:
+        # transformers' rounding points, one call instead of several), where small_ops names one
+        lib = small_ops(p.dtype, p.device)
+        self.ops = kernels.decode_ops(lib) if lib is not None else None
         self.panels = panel_count(p.device)
         self.layers = [self._pack(adapter, layer) for layer in layers]
         self.head = _head_panels(model, lay, self.panels)  # ([p, D, V/p], bias)
@@ -652,7 +667,7 @@ class FastDecoder:
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm over the last dim of x [A, G, D] (weight [D] or [G, D]): the kernel library's fused op
-        in bf16, else :func:`_rms_norm`."""
+        where one is loaded (:func:`small_ops`), else :func:`_rms_norm`."""
         return self.ops.rms_norm(x, weight, self.eps) if self.ops is not None else _rms_norm(x, weight, self.eps)
 
     def _mlp(self, lw: _Layer, h: torch.Tensor) -> torch.Tensor:

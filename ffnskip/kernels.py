@@ -73,9 +73,9 @@ class Kernel:
 KERNELS = {
     "avx512bf16": Kernel("avx512bf16", "AVX512_BF16", _CSRC / "bf16_linear_avx512.cpp", "bf16_linear_avx512",
                          frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16"}),
-                         ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512bf16")),
+                         ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-ffp-contract=off")),
     "avx2": Kernel("avx2", "AVX2 + FMA", _CSRC / "bf16_linear_avx2.cpp", "bf16_linear_avx2",
-                   frozenset({"avx2", "fma"}), ("-mavx2", "-mfma")),
+                   frozenset({"avx2", "fma"}), ("-mavx2", "-mfma", "-ffp-contract=off")),
 }
 
 _lock = threading.Lock()
@@ -289,24 +289,24 @@ def op(name: str):
 
 
 class DecodeOps:
-    """The decode step's small bf16 ops of kernel ``name``'s library (``csrc/decode_ops.h``): a fused
-    RMSNorm, RoPE with the K/V cache writes, and argmax, each one call instead of ATen's several (or
-    slow) ones on CPU, with ATen's rounding points."""
+    """The decode step's small ops of kernel ``name``'s library (``csrc/decode_ops.h``), in bf16 and
+    fp32: a fused RMSNorm, RoPE with the K/V cache writes, and argmax, each one call instead of
+    ATen's several (or slow) ones on CPU, with ATen's rounding points."""
 
     def __init__(self, name: str) -> None:
         ns = torch.ops.ffnskip
         self.name = name
-        self._rms_norm = getattr(ns, f"bf16_rms_norm_{name}")
-        self._argmax = getattr(ns, f"bf16_argmax_{name}")
-        self._rope_cache = getattr(ns, f"bf16_rope_cache_{name}")
+        self._rms_norm = getattr(ns, f"rms_norm_{name}")
+        self._argmax = getattr(ns, f"argmax_{name}")
+        self._rope_cache = getattr(ns, f"rope_cache_{name}")
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """transformers' LlamaRMSNorm in bf16 over the last dim of x [A, G, D]; weight [D] or [G, D]."""
+        """transformers' LlamaRMSNorm over the last dim of x [A, G, D]; weight [D] or [G, D]."""
         return self._rms_norm(x, weight, eps)
 
     def rope_cache(self, qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, col: int, n_heads: int) -> torch.Tensor:
-        """transformers' RoPE in bf16 on qk [B, H + Hkv, hd] (cos, sin [B, hd]); the rotated k heads and
+        """transformers' RoPE on qk [B, H + Hkv, hd] (cos, sin [B, hd]); the rotated k heads and
         v [B, Hkv, hd] written into column ``col`` of the caches [B, Hkv, capacity, hd]; the rotated
         q [B, H, hd] returned. The same bits as the seven ATen ops it replaces."""
         return self._rope_cache(qk, v, cos, sin, k_cache, v_cache, col, n_heads)
@@ -323,14 +323,30 @@ def decode_ops(name: str) -> DecodeOps | None:
     return DecodeOps(name)
 
 
+def fp32_ops() -> str | None:
+    """Which kernel library's decode ops an fp32 fast path on an x86-64 CPU uses (its matmuls stay
+    fp32 panels): the AVX512_BF16 library where the CPU has it (the one bf16 would load too), else
+    the AVX2 one; the one ``FFNSKIP_BF16_KERNEL`` names if it names one; none with ``aten`` or
+    ``onednn`` (ATen's small ops, as in bf16) or when none builds (logged by :func:`load`).
+    Measured on a 2-core Intel Xeon (AMX), SmolLM2-135M: ATen's fp32 RMSNorm is seven ops, ~50 us
+    a call with their dispatches, 61 calls a step."""
+    want = requested()
+    if want in ("aten", "onednn"):
+        return None
+    for name in [want] if want in KERNELS else ["avx512bf16", "avx2"]:
+        if cpu_supports(name) and load(name):
+            return name
+    return None
+
+
 def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """``logits.argmax(dim=-1)`` for logits [B, V]: bf16 on CPU through a loaded kernel library's
-    argmax (ATen's bf16 argmax takes ~180 us per 49152 logits on Zen 4, this one a few), else torch's.
-    Never builds anything: used only once a bf16 fast path loaded a library."""
-    if logits.dtype == torch.bfloat16 and logits.dim() == 2 and logits.device.type == "cpu" and logits.shape[1]:
+    """``logits.argmax(dim=-1)`` for logits [B, V]: bf16 or fp32 on CPU through a loaded kernel
+    library's argmax (ATen's bf16 argmax takes ~180 us per 49152 logits on Zen 4, this one a few),
+    else torch's. Never builds anything: used only once a fast path loaded a library."""
+    if logits.dtype in (torch.bfloat16, torch.float32) and logits.dim() == 2 and logits.device.type == "cpu" and logits.shape[1]:
         for name in KERNELS:
             if _state.get(name):
-                return getattr(torch.ops.ffnskip, f"bf16_argmax_{name}")(logits)
+                return getattr(torch.ops.ffnskip, f"argmax_{name}")(logits)
     return logits.argmax(dim=-1)
 
 

@@ -118,21 +118,42 @@ def test_the_fused_rms_norm_is_transformers_rounding(kernel, shape):
     with pytest.raises(RuntimeError, match="weight must be"):
         ops.rms_norm(x, torch.ones(shape[-1] + 1).bfloat16(), 1e-6)
     with pytest.raises(RuntimeError, match="x must be"):
-        ops.rms_norm(x.float(), torch.ones(shape[-1]).bfloat16(), 1e-6)
+        ops.rms_norm(x.double(), torch.ones(shape[-1]).double(), 1e-6)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        ops.rms_norm(x.float(), torch.ones(shape[-1]).bfloat16(), 1e-6)  # the dtypes differ
 
 
-def test_rope_and_the_cache_writes_are_transformers_bits(kernel):
-    """kernels.DecodeOps.rope_cache: (x * cos) + (rotate_half(x) * sin) with bf16 rounding after each
-    op, as ATen's elementwise ops round (exact products, so bit for bit on any CPU), k and v written
-    into one cache column and nothing else."""
+@pytest.mark.parametrize("shape", [(3, 1, 576), (2, 12, 64), (1, 1, 13)])
+def test_the_fused_rms_norm_in_fp32_is_transformers_math(kernel, shape):
+    """The same op in fp32 (the fp32 fast path's): x / sqrt(mean(x^2) + eps) times the weight, within a
+    few fp32 units of float64 math, and close to ATen's F.rms_norm (its own order of additions)."""
+    from ffnskip.fastpath import _rms_norm
+
+    ops = kernels.decode_ops(kernel)
+    g = torch.Generator().manual_seed(sum(shape) + 1)
+    x = torch.randn(*shape, generator=g) * 4
+    for w in (torch.randn(shape[-1], generator=g), torch.randn(shape[1], shape[-1], generator=g)):
+        y = ops.rms_norm(x, w, 1e-6)
+        xf = x.double()
+        exact = w.double() * (xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6))
+        assert y.shape == x.shape and y.dtype == torch.float32
+        assert torch.allclose(y.double(), exact, rtol=2e-6, atol=0)
+        assert torch.allclose(y, _rms_norm(x, w, 1e-6), rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_and_the_cache_writes_are_transformers_bits(kernel, dtype):
+    """kernels.DecodeOps.rope_cache: (x * cos) + (rotate_half(x) * sin) with a rounding to the dtype
+    after each op, as ATen's elementwise ops round (exact products, so bit for bit on any CPU; no
+    fused multiply-add), k and v written into one cache column and nothing else."""
     from ffnskip.fastpath import _rotate_half
 
     ops = kernels.decode_ops(kernel)
     g = torch.Generator().manual_seed(5)
     B, H, Hkv, hd, cap, col = 3, 6, 2, 16, 9, 4
-    qkv = (torch.randn(B, H + 2 * Hkv, hd, generator=g) * 3).bfloat16()
-    cos, sin = torch.randn(B, 1, hd, generator=g).bfloat16(), torch.randn(B, 1, hd, generator=g).bfloat16()
-    kc, vc = torch.randn(B, Hkv, cap, hd, generator=g).bfloat16(), torch.randn(B, Hkv, cap, hd, generator=g).bfloat16()
+    qkv = (torch.randn(B, H + 2 * Hkv, hd, generator=g) * 3).to(dtype)
+    cos, sin = torch.randn(B, 1, hd, generator=g).to(dtype), torch.randn(B, 1, hd, generator=g).to(dtype)
+    kc, vc = torch.randn(B, Hkv, cap, hd, generator=g).to(dtype), torch.randn(B, Hkv, cap, hd, generator=g).to(dtype)
     k0, v0 = kc.clone(), vc.clone()
     qk = qkv[:, : H + Hkv]  # a strided slice, as in the step
     q = ops.rope_cache(qk, qkv[:, H + Hkv :], cos.view(B, hd), sin.view(B, hd), kc, vc, col, H)
@@ -145,13 +166,17 @@ def test_rope_and_the_cache_writes_are_transformers_bits(kernel):
         ops.rope_cache(qk, qkv[:, H + Hkv :], cos.view(B, hd), sin.view(B, hd), kc, vc, cap, H)
     with pytest.raises(RuntimeError, match="do not split"):
         ops.rope_cache(qk, qkv[:, H + Hkv :], cos.view(B, hd), sin.view(B, hd), kc, vc, col, H + Hkv)
+    with pytest.raises(RuntimeError, match="in qk's dtype"):
+        other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+        ops.rope_cache(qk, qkv[:, H + Hkv :], cos.view(B, hd).to(other), sin.view(B, hd), kc, vc, col, H)
 
 
-def test_the_argmax_is_torchs(kernel):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_argmax_is_torchs(kernel, dtype):
     ops = kernels.decode_ops(kernel)
     g = torch.Generator().manual_seed(7)
     for v in (1, 7, 49152, 50001):
-        x = torch.randn(4, v, generator=g).bfloat16()
+        x = torch.randn(4, v, generator=g).to(dtype)
         if v > 8:
             x[0, v // 3] = x[0, v - 2] = 50.0  # a tie: the first index
             x[1, v // 2] = float("nan")  # a NaN wins, the first one
@@ -179,6 +204,23 @@ def _ours(model, prompts, policy, n):
     for _ in generate(model, TOK, prompts, policy, SamplingParams(max_new_tokens=n, ignore_eos=True), results=results, fast=True):
         pass
     return results
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_fp32_runs_the_librarys_small_ops_and_keeps_transformers_greedy_tokens(kernel, family, monkeypatch):
+    """fp32 on an x86-64 CPU: the matmuls stay the panels, RMSNorm / RoPE / argmax are the library's
+    (kernels.fp32_ops); greedy tokens are transformers' fp32 ones; FFNSKIP_BF16_KERNEL=aten keeps ATen's."""
+    model = tiny_model(family)
+    fd = FastDecoder(model, len(PROMPTS), 64, padded=True)
+    assert fd.ops is not None and fd.ops.name == kernel and fd.layers[0].qkv.panels is not None
+    assert numerics_key("cpu", torch.float32)["small_ops"] == kernel
+    ref = hf_greedy(model, PROMPTS, 16)
+    assert [r.token_ids for r in _ours(model, PROMPTS, SkipPolicy.dense(), 16)] == ref
+    assert len({t for row in ref for t in row}) > 5
+    monkeypatch.setenv(kernels.ENV, "aten")
+    assert FastDecoder(model, 1, 8, padded=False).ops is None
+    assert numerics_key("cpu", torch.float32)["small_ops"] == "aten"  # a cached dense decode keys on it
+    assert [r.token_ids for r in _ours(model, PROMPTS, SkipPolicy.dense(), 16)] == ref
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

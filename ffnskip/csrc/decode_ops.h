@@ -1,18 +1,20 @@
-// The small bf16 ops of a decode step that ATen runs slowly on CPU, as one fused loop each:
-// RMSNorm, RoPE with the K/V cache writes, and argmax over the vocabulary.
+// The small ops of a decode step that ATen runs slowly on CPU, as one fused loop each, in bf16 and
+// fp32: RMSNorm, RoPE with the K/V cache writes, and argmax over the vocabulary.
 // Included by both kernel libraries (bf16_linear_avx2.cpp, bf16_linear_avx512.cpp), each
 // registering them under its own suffix (FFNSKIP_OPS_SUFFIX), so both can load in one process;
-// AVX2 + FMA only, which both kinds of CPU execute.
+// AVX2 + FMA only, which both kinds of CPU execute. Compiled with -ffp-contract=off: no multiply
+// and add below may fuse into one rounding, where ATen rounds twice.
 //
 // Measured on AMD EPYC Zen 4, SmolLM2-135M shapes, bf16: ATen's rms_norm path (to fp32, F.rms_norm,
 // round, weight multiply) 25-28 us per call, this one 3-5 us (batch 1-8; 61 calls per step); argmax
 // over 49152 logits 178 us (batch 1) to 717 us (batch 8), this one 6-27 us. (A single-query
-// attention loop was tried too: no faster than SDPA at batch 8, so SDPA stays.)
+// attention loop was tried too: no faster than SDPA at batch 8, so SDPA stays.) fp32 on a 2-core
+// Intel Xeon (AMX): ATen's F.rms_norm is seven ops, ~50 us per call with its dispatches.
 //
 // Rounding points are the ones of the ATen code they replace (fp32 math, bf16 where ATen rounds):
-// * rms_norm: transformers' LlamaRMSNorm in bf16: fp32 x * 1/sqrt(mean(x^2) + eps), rounded to
-//   bf16, times the weight, rounded;
-// * rope_cache: transformers' apply_rotary_pos_emb in bf16 (each multiply and the add rounded);
+// * rms_norm: transformers' LlamaRMSNorm: fp32 x * 1/sqrt(mean(x^2) + eps), in bf16 rounded,
+//   times the weight, rounded;
+// * rope_cache: transformers' apply_rotary_pos_emb (each multiply and the add rounded to the dtype);
 // * argmax: the first index of the largest value (a NaN counts as the largest, as in torch).
 // Only the order of fp32 additions (and the exp polynomial's last bits) differ.
 #pragma once
@@ -51,6 +53,19 @@ inline __m256 load8(const uint16_t* p) {  // 8 bf16 -> 8 fp32
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
 
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+// The two element types: bf16 (held as uint16_t) and fp32; rnd<T> is the rounding ATen applies
+// after an elementwise op in T (none in fp32).
+inline float to_f(uint16_t v) { return bf16_to_float(v); }
+inline float to_f(float v) { return v; }
+template <typename T> inline T from_f(float f);
+template <> inline uint16_t from_f<uint16_t>(float f) { return float_to_bf16(f); }
+template <> inline float from_f<float>(float f) { return f; }
+template <typename T> inline float rnd(float f) { return to_f(from_f<T>(f)); }
+
+inline bool decode_dtype(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat; }
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -58,7 +73,8 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-inline float sum_squares(const uint16_t* x, int64_t d) {
+template <typename T>
+inline float sum_squares(const T* x, int64_t d) {
   int64_t i = 0;
   __m256 s = _mm256_setzero_ps();
   for (; i + 8 <= d; i += 8) {
@@ -66,35 +82,29 @@ inline float sum_squares(const uint16_t* x, int64_t d) {
     s = _mm256_fmadd_ps(v, v, s);
   }
   float t = hsum(s);
-  for (; i < d; ++i) t += bf16_to_float(x[i]) * bf16_to_float(x[i]);
+  for (; i < d; ++i) t += to_f(x[i]) * to_f(x[i]);
   return t;
 }
 
-// x [A, G, D] bf16 (last dim contiguous), weight [D] or [G, D] bf16 -> [A, G, D] bf16.
-inline at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 3 && x.stride(2) == 1,
-              "rms_norm: x must be [A, G, D] bf16 on CPU with a contiguous last dimension");
+template <typename T>
+at::Tensor rms_norm_as(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const int64_t A = x.size(0), G = x.size(1), D = x.size(2);
-  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() &&
-                  ((weight.dim() == 1 && weight.size(0) == D) || (weight.dim() == 2 && weight.size(0) == G && weight.size(1) == D)),
-              "rms_norm: weight must be [D] or [G, D] bf16");
   at::Tensor y = at::empty({A, G, D}, x.options());
-  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
-  const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr());
-  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
+  const auto* xp = reinterpret_cast<const T*>(x.data_ptr());
+  const auto* wp = reinterpret_cast<const T*>(weight.data_ptr());
+  auto* yp = reinterpret_cast<T*>(y.data_ptr());
   const int64_t sa = x.stride(0), sg = x.stride(1);
   const bool per_group = weight.dim() == 2;
   const int64_t rows = A * G;
   auto body = [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t a = r / G, g = r % G;
-      const uint16_t* xr = xp + a * sa + g * sg;
-      const uint16_t* wr = wp + (per_group ? g * D : 0);
-      uint16_t* yr = yp + r * D;
+      const T* xr = xp + a * sa + g * sg;
+      const T* wr = wp + (per_group ? g * D : 0);
+      T* yr = yp + r * D;
       const float mean = sum_squares(xr, D) / static_cast<float>(D);
       const float inv = 1.0f / std::sqrt(mean + static_cast<float>(eps));
-      for (int64_t i = 0; i < D; ++i)
-        yr[i] = float_to_bf16(bf16_to_float(wr[i]) * round_bf16(bf16_to_float(xr[i]) * inv));
+      for (int64_t i = 0; i < D; ++i) yr[i] = from_f<T>(to_f(wr[i]) * rnd<T>(to_f(xr[i]) * inv));
     }
   };
   if (rows * D < 32768) body(0, rows);  // a decode step's rows: one thread is faster than waking the pool
@@ -102,72 +112,89 @@ inline at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double
   return y;
 }
 
-// RoPE on the step's q and k heads and the K/V cache writes, as transformers' apply_rotary_pos_emb
-// in bf16: (x * cos) + (rotate_half(x) * sin), each multiply and the add rounded to bf16 (ATen's
-// bf16 elementwise ops: fp32 math, one rounding each), so the same bits as those seven ops.
-// qk [B, H + Hkv, hd] (last dim contiguous), v [B, Hkv, hd] (last dim contiguous), cos, sin [B, hd]
-// contiguous, caches [B, Hkv, capacity, hd]: column ``col`` gets the rotated k and v; returns the
-// rotated q [B, H, hd].
-inline at::Tensor rope_cache(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
-                             const at::Tensor& kc, const at::Tensor& vc, int64_t col, int64_t H) {
-  TORCH_CHECK(qk.device().is_cpu() && qk.scalar_type() == at::kBFloat16 && qk.dim() == 3 && qk.stride(2) == 1,
-              "rope_cache: qk must be [B, H + Hkv, hd] bf16 on CPU with a contiguous last dimension");
-  const int64_t B = qk.size(0), G = qk.size(1), hd = qk.size(2), Hkv = G - H;
-  TORCH_CHECK(H > 0 && Hkv > 0 && hd % 2 == 0, "rope_cache: ", G, " heads of size ", hd, " do not split into ", H, " q heads and k heads");
-  TORCH_CHECK(v.scalar_type() == at::kBFloat16 && v.dim() == 3 && v.size(0) == B && v.size(1) == Hkv && v.size(2) == hd && v.stride(2) == 1,
-              "rope_cache: v must be [B, Hkv, hd] bf16");
-  TORCH_CHECK(cos.scalar_type() == at::kBFloat16 && sin.scalar_type() == at::kBFloat16 && cos.is_contiguous() && sin.is_contiguous() &&
-                  cos.numel() == B * hd && sin.numel() == B * hd,
-              "rope_cache: cos and sin must be contiguous [B, hd] bf16");
-  TORCH_CHECK(kc.scalar_type() == at::kBFloat16 && vc.scalar_type() == at::kBFloat16 && kc.is_contiguous() && vc.is_contiguous() &&
-                  kc.dim() == 4 && kc.sizes() == vc.sizes() && kc.size(0) == B && kc.size(1) == Hkv && kc.size(3) == hd,
-              "rope_cache: the caches must be contiguous [B, Hkv, capacity, hd] bf16");
-  const int64_t cap = kc.size(2);
-  TORCH_CHECK(col >= 0 && col < cap, "rope_cache: column ", col, " of a ", cap, "-column cache");
-  at::Tensor q = at::empty({B, H, hd}, qk.options());
-  const auto* x = reinterpret_cast<const uint16_t*>(qk.data_ptr());
-  const auto* vp = reinterpret_cast<const uint16_t*>(v.data_ptr());
-  const auto* cp = reinterpret_cast<const uint16_t*>(cos.data_ptr());
-  const auto* sp = reinterpret_cast<const uint16_t*>(sin.data_ptr());
-  auto* qp = reinterpret_cast<uint16_t*>(q.data_ptr());
-  auto* kcp = reinterpret_cast<uint16_t*>(kc.data_ptr());
-  auto* vcp = reinterpret_cast<uint16_t*>(vc.data_ptr());
+// x [A, G, D] bf16 or fp32 (last dim contiguous), weight [D] or [G, D] in x's dtype -> [A, G, D].
+inline at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && decode_dtype(x) && x.dim() == 3 && x.stride(2) == 1,
+              "rms_norm: x must be [A, G, D] bf16 or fp32 on CPU with a contiguous last dimension");
+  const int64_t G = x.size(1), D = x.size(2);
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.is_contiguous() &&
+                  ((weight.dim() == 1 && weight.size(0) == D) || (weight.dim() == 2 && weight.size(0) == G && weight.size(1) == D)),
+              "rms_norm: weight must be [D] or [G, D] in x's dtype");
+  return x.scalar_type() == at::kFloat ? rms_norm_as<float>(x, weight, eps) : rms_norm_as<uint16_t>(x, weight, eps);
+}
+
+template <typename T>
+void rope_cache_as(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
+                   const at::Tensor& kc, const at::Tensor& vc, int64_t col, int64_t H, at::Tensor& q) {
+  const int64_t B = qk.size(0), G = qk.size(1), hd = qk.size(2), Hkv = G - H, cap = kc.size(2);
+  const auto* x = reinterpret_cast<const T*>(qk.data_ptr());
+  const auto* vp = reinterpret_cast<const T*>(v.data_ptr());
+  const auto* cp = reinterpret_cast<const T*>(cos.data_ptr());
+  const auto* sp = reinterpret_cast<const T*>(sin.data_ptr());
+  auto* qp = reinterpret_cast<T*>(q.data_ptr());
+  auto* kcp = reinterpret_cast<T*>(kc.data_ptr());
+  auto* vcp = reinterpret_cast<T*>(vc.data_ptr());
   const int64_t half = hd / 2;
   for (int64_t b = 0; b < B; ++b) {
-    const uint16_t* cb = cp + b * hd;
-    const uint16_t* sb = sp + b * hd;
+    const T* cb = cp + b * hd;
+    const T* sb = sp + b * hd;
     for (int64_t g = 0; g < G; ++g) {
-      const uint16_t* xr = x + b * qk.stride(0) + g * qk.stride(1);
-      uint16_t* out = g < H ? qp + (b * H + g) * hd : kcp + ((b * Hkv + (g - H)) * cap + col) * hd;
+      const T* xr = x + b * qk.stride(0) + g * qk.stride(1);
+      T* out = g < H ? qp + (b * H + g) * hd : kcp + ((b * Hkv + (g - H)) * cap + col) * hd;
       for (int64_t i = 0; i < hd; ++i) {
-        const float rot = i < half ? -bf16_to_float(xr[i + half]) : bf16_to_float(xr[i - half]);  // rotate_half
-        const float a = round_bf16(bf16_to_float(xr[i]) * bf16_to_float(cb[i]));
-        const float r = round_bf16(rot * bf16_to_float(sb[i]));
-        out[i] = float_to_bf16(a + r);
+        const float rot = i < half ? -to_f(xr[i + half]) : to_f(xr[i - half]);  // rotate_half
+        const float a = rnd<T>(to_f(xr[i]) * to_f(cb[i]));
+        const float r = rnd<T>(rot * to_f(sb[i]));
+        out[i] = from_f<T>(a + r);  // two products and a sum, each rounded (no fused multiply-add)
       }
     }
     for (int64_t g = 0; g < Hkv; ++g)
-      std::memcpy(vcp + ((b * Hkv + g) * cap + col) * hd, vp + b * v.stride(0) + g * v.stride(1), hd * sizeof(uint16_t));
+      std::memcpy(vcp + ((b * Hkv + g) * cap + col) * hd, vp + b * v.stride(0) + g * v.stride(1), hd * sizeof(T));
   }
+}
+
+// RoPE on the step's q and k heads and the K/V cache writes, as transformers' apply_rotary_pos_emb:
+// (x * cos) + (rotate_half(x) * sin), each multiply and the add rounded to the dtype (ATen's
+// elementwise ops: fp32 math, one rounding each), so the same bits as those seven ops.
+// qk [B, H + Hkv, hd] (last dim contiguous), v [B, Hkv, hd] (last dim contiguous), cos, sin [B, hd]
+// contiguous, caches [B, Hkv, capacity, hd], all bf16 or all fp32: column ``col`` gets the rotated
+// k and v; returns the rotated q [B, H, hd].
+inline at::Tensor rope_cache(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
+                             const at::Tensor& kc, const at::Tensor& vc, int64_t col, int64_t H) {
+  TORCH_CHECK(qk.device().is_cpu() && decode_dtype(qk) && qk.dim() == 3 && qk.stride(2) == 1,
+              "rope_cache: qk must be [B, H + Hkv, hd] bf16 or fp32 on CPU with a contiguous last dimension");
+  const auto dt = qk.scalar_type();
+  const int64_t B = qk.size(0), G = qk.size(1), hd = qk.size(2), Hkv = G - H;
+  TORCH_CHECK(H > 0 && Hkv > 0 && hd % 2 == 0, "rope_cache: ", G, " heads of size ", hd, " do not split into ", H, " q heads and k heads");
+  TORCH_CHECK(v.scalar_type() == dt && v.dim() == 3 && v.size(0) == B && v.size(1) == Hkv && v.size(2) == hd && v.stride(2) == 1,
+              "rope_cache: v must be [B, Hkv, hd] in qk's dtype");
+  TORCH_CHECK(cos.scalar_type() == dt && sin.scalar_type() == dt && cos.is_contiguous() && sin.is_contiguous() &&
+                  cos.numel() == B * hd && sin.numel() == B * hd,
+              "rope_cache: cos and sin must be contiguous [B, hd] in qk's dtype");
+  TORCH_CHECK(kc.scalar_type() == dt && vc.scalar_type() == dt && kc.is_contiguous() && vc.is_contiguous() &&
+                  kc.dim() == 4 && kc.sizes() == vc.sizes() && kc.size(0) == B && kc.size(1) == Hkv && kc.size(3) == hd,
+              "rope_cache: the caches must be contiguous [B, Hkv, capacity, hd] in qk's dtype");
+  const int64_t cap = kc.size(2);
+  TORCH_CHECK(col >= 0 && col < cap, "rope_cache: column ", col, " of a ", cap, "-column cache");
+  at::Tensor q = at::empty({B, H, hd}, qk.options());
+  if (dt == at::kFloat) rope_cache_as<float>(qk, v, cos, sin, kc, vc, col, H, q);
+  else rope_cache_as<uint16_t>(qk, v, cos, sin, kc, vc, col, H, q);
   return q;
 }
 
-// x [B, V] bf16 -> [B] int64: the first index of each row's largest value (a NaN: the first NaN).
-inline at::Tensor argmax(const at::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(1) > 0,
-              "argmax: x must be [B, V] bf16 on CPU with V > 0");
-  const at::Tensor xc = x.contiguous();
+template <typename T>
+at::Tensor argmax_as(const at::Tensor& xc) {
   const int64_t B = xc.size(0), V = xc.size(1);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, V / 4096));  // segments per row
   const int64_t seg = (V + parts - 1) / parts;
   std::vector<float> best(B * parts);
   std::vector<int64_t> where(B * parts);
-  const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+  const auto* xp = reinterpret_cast<const T*>(xc.data_ptr());
   at::parallel_for(0, B * parts, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / parts, lo = (t % parts) * seg, hi = std::min(V, lo + seg);
-      const uint16_t* row = xp + b * V;
+      const T* row = xp + b * V;
       float bv = -std::numeric_limits<float>::infinity();
       int64_t bi = lo;
       int64_t i = lo;
@@ -197,7 +224,7 @@ inline at::Tensor argmax(const at::Tensor& x) {
           }
       }
       for (i = vec_end; i < hi; ++i) {
-        const float f = bf16_to_float(row[i]);
+        const float f = to_f(row[i]);
         if (std::isnan(f)) { bv = f; bi = i; break; }
         if (f > bv) { bv = f; bi = i; }
       }
@@ -219,6 +246,14 @@ inline at::Tensor argmax(const at::Tensor& x) {
   return out;
 }
 
+// x [B, V] bf16 or fp32 -> [B] int64: the first index of each row's largest value (a NaN: the first NaN).
+inline at::Tensor argmax(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && decode_dtype(x) && x.dim() == 2 && x.size(1) > 0,
+              "argmax: x must be [B, V] bf16 or fp32 on CPU with V > 0");
+  const at::Tensor xc = x.contiguous();
+  return xc.scalar_type() == at::kFloat ? argmax_as<float>(xc) : argmax_as<uint16_t>(xc);
+}
+
 }  // namespace
 }  // namespace ffnskip_ops
 
@@ -229,11 +264,11 @@ inline at::Tensor argmax(const at::Tensor& x) {
 
 // In a TORCH_LIBRARY_FRAGMENT(ffnskip, m) block / TORCH_LIBRARY_IMPL(ffnskip, CPU, m) block.
 #define FFNSKIP_OPS_DEF(m)                                                                                              \
-  m.def("bf16_rms_norm_" FFNSKIP_OPS_STR(FFNSKIP_OPS_SUFFIX) "(Tensor x, Tensor weight, float eps) -> Tensor");       \
-  m.def("bf16_rope_cache_" FFNSKIP_OPS_STR(FFNSKIP_OPS_SUFFIX)                                                         \
+  m.def("rms_norm_" FFNSKIP_OPS_STR(FFNSKIP_OPS_SUFFIX) "(Tensor x, Tensor weight, float eps) -> Tensor");       \
+  m.def("rope_cache_" FFNSKIP_OPS_STR(FFNSKIP_OPS_SUFFIX)                                                         \
         "(Tensor qk, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int col, int H) -> Tensor"); \
-  m.def("bf16_argmax_" FFNSKIP_OPS_STR(FFNSKIP_OPS_SUFFIX) "(Tensor x) -> Tensor")
+  m.def("argmax_" FFNSKIP_OPS_STR(FFNSKIP_OPS_SUFFIX) "(Tensor x) -> Tensor")
 #define FFNSKIP_OPS_IMPL(m)                                                                                             \
-  m.impl("bf16_rms_norm_" FFNSKIP_OPS_STR(FFNSKIP_OPS_SUFFIX), &ffnskip_ops::rms_norm);                                \
-  m.impl("bf16_rope_cache_" FFNSKIP_OPS_STR(FFNSKIP_OPS_SUFFIX), &ffnskip_ops::rope_cache);                            \
-  m.impl("bf16_argmax_" FFNSKIP_OPS_STR(FFNSKIP_OPS_SUFFIX), &ffnskip_ops::argmax)
+  m.impl("rms_norm_" FFNSKIP_OPS_STR(FFNSKIP_OPS_SUFFIX), &ffnskip_ops::rms_norm);                                \
+  m.impl("rope_cache_" FFNSKIP_OPS_STR(FFNSKIP_OPS_SUFFIX), &ffnskip_ops::rope_cache);                            \
+  m.impl("argmax_" FFNSKIP_OPS_STR(FFNSKIP_OPS_SUFFIX), &ffnskip_ops::argmax)
