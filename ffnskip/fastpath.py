@@ -702,6 +702,11 @@ class FastDecoder:
         ops = self.ops
         if ops is not None:
             cos2, sin2 = cos.reshape(B, hd).contiguous(), sin.reshape(B, hd).contiguous()  # [B, hd] for ops.rope_cache
+        # fp32: the library's single-query attention (measured +3-5% tok/s at batch 1 on the AMX Xeon);
+        # bf16 keeps SDPA, whose bf16 roundings transformers' greedy tokens depend on (a tiny Qwen3's
+        # tokens changed through ops.attend in the tests)
+        attend = ops is not None and x.dtype == torch.float32
+        amask = mask.reshape(B, col + 1).contiguous() if attend and mask is not None else None  # [B, n] for ops.attend
         whole = ctl.whole_layer
         compiled = self.compiled and not whole
         for i, lw in enumerate(self.layers):
@@ -719,20 +724,24 @@ class FastDecoder:
             if lw.qk_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
                 qk = self._norm(qk, lw.qk_norm)
             if ops is not None:  # RoPE and both cache writes in one call (the same bits): q [B, H, hd]
-                q = ops.rope_cache(qk, qkv[:, H + Hkv :], cos2, sin2, self.k[i], self.v[i], col, H).unsqueeze(2)
+                q = ops.rope_cache(qk, qkv[:, H + Hkv :], cos2, sin2, self.k[i], self.v[i], col, H)
             else:
                 qk = (qk * cos) + (_rotate_half(qk) * sin)  # RoPE, q and k together
                 self.k[i][:, :, col] = qk[:, H:]  # K/V written for every layer and token: [B, Hkv, hd]
                 self.v[i][:, :, col] = qkv[:, H + Hkv :]
-                q = qk[:, :H].unsqueeze(2)  # [B, H, 1, hd]
-            keys = self.k[i][:, :, : col + 1]  # [B, Hkv, n, hd]
-            values = self.v[i][:, :, : col + 1]
-            # the query heads packed per K/V head ([B, Hkv, n_rep, hd]: n_rep queries against one
-            # K/V head), as transformers' SDPA integration does with a mask: the same result per
-            # query as GQA, and in bf16 ~10x faster than SDPA's one-query-per-head GQA on CPU
-            qp = q.reshape(B, Hkv, self.n_rep, hd) if self.n_rep > 1 else q
-            o = F.scaled_dot_product_attention(qp, keys, values, attn_mask=mask, dropout_p=0.0, scale=self.scaling, is_causal=False)
-            o = o.reshape(B, 1, H * hd)  # [B, 1, H hd] (one query: heads are already contiguous)
+                q = qk[:, :H]  # [B, H, hd]
+            if attend:  # over the cache's first col + 1 columns, in one call
+                o = ops.attend(q, self.k[i], self.v[i], col + 1, amask, self.scaling).view(B, 1, H * hd)  # [B, 1, H hd]
+            else:
+                q = q.unsqueeze(2)  # [B, H, 1, hd]
+                keys = self.k[i][:, :, : col + 1]  # [B, Hkv, n, hd]
+                values = self.v[i][:, :, : col + 1]
+                # the query heads packed per K/V head ([B, Hkv, n_rep, hd]: n_rep queries against one
+                # K/V head), as transformers' SDPA integration does with a mask: the same result per
+                # query as GQA, and in bf16 ~10x faster than SDPA's one-query-per-head GQA on CPU
+                qp = q.reshape(B, Hkv, self.n_rep, hd) if self.n_rep > 1 else q
+                o = F.scaled_dot_product_attention(qp, keys, values, attn_mask=mask, dropout_p=0.0, scale=self.scaling, is_causal=False)
+                o = o.reshape(B, 1, H * hd)  # [B, 1, H hd] (one query: heads are already contiguous)
             h = x + lw.o(o)  # [B, 1, D] residual before the FFN
             split = ctl.row_split(i)
             if split.none:

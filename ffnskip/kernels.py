@@ -299,6 +299,7 @@ class DecodeOps:
         self._rms_norm = getattr(ns, f"rms_norm_{name}")
         self._argmax = getattr(ns, f"argmax_{name}")
         self._rope_cache = getattr(ns, f"rope_cache_{name}")
+        self._attend = getattr(ns, f"attend_{name}")
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """transformers' LlamaRMSNorm over the last dim of x [A, G, D]; weight [D] or [G, D]."""
@@ -314,6 +315,13 @@ class DecodeOps:
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, V] -> [B] int64, torch.argmax's answer (the first largest; a NaN wins)."""
         return self._argmax(x)
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n: int, mask: torch.Tensor | None,
+               scale: float) -> torch.Tensor:
+        """One query per row: q [B, H, hd] against the first ``n`` columns of the caches
+        [B, Hkv, capacity, hd] (GQA: H / Hkv query heads per K/V head), mask [B, n] bool (True: attend)
+        or None -> [B, H, hd]; SDPA's softmax(q k^T scale) v in fp32, in its own order of additions."""
+        return self._attend(q, k_cache, v_cache, n, mask, scale)
 
 
 def decode_ops(name: str) -> DecodeOps | None:

@@ -187,6 +187,41 @@ def test_the_argmax_is_torchs(kernel, dtype):
         ops.argmax(torch.ones(2, 0).bfloat16())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("B, H, Hkv, hd, cap, n", [(1, 9, 3, 64, 80, 70), (3, 8, 2, 16, 20, 13), (2, 4, 4, 64, 300, 257)])
+def test_the_single_query_attention_is_sdpas_math(kernel, dtype, B, H, Hkv, hd, cap, n):
+    """kernels.DecodeOps.attend: softmax(q k^T scale) v over the first n cache columns, query heads
+    grouped per K/V head, masked keys left out: within 1e-6 of float64 math in fp32; in bf16 as close
+    to it as SDPA in bf16 and mostly SDPA's bits; columns past n and masked keys never count."""
+    ops = kernels.decode_ops(kernel)
+    g = torch.Generator().manual_seed(B * 100 + n)
+    q = torch.randn(B, H, hd, generator=g).to(dtype)
+    kc, vc = torch.randn(B, Hkv, cap, hd, generator=g).to(dtype), torch.randn(B, Hkv, cap, hd, generator=g).to(dtype)
+    mask = torch.ones(B, n, dtype=torch.bool)
+    mask[0, :5] = False  # a left-padded row
+    kc[:, :, n:] = vc[:, :, n:] = float("nan")  # beyond the filled columns: must not be read
+
+    def sdpa(m, t):
+        qp = q.to(t).view(B, Hkv, H // Hkv, hd)
+        return F.scaled_dot_product_attention(qp, kc[:, :, :n].to(t), vc[:, :, :n].to(t), scale=0.125,
+                                              attn_mask=None if m is None else m[:, None, None]).reshape(B, H, hd)
+
+    for m in (None, mask):
+        o, ref, theirs = ops.attend(q, kc, vc, n, m, 0.125), sdpa(m, torch.float64), sdpa(m, dtype)
+        assert o.shape == (B, H, hd) and o.dtype == dtype and not torch.isnan(o).any()
+        if dtype == torch.float32:
+            assert torch.allclose(o.double(), ref, rtol=0, atol=1e-6)
+        else:  # SDPA's bf16 roundings (its softmax weights too): as far from float64 as SDPA, mostly its bits
+            assert (o.double() - ref).abs().max() <= 1.5 * (theirs.double() - ref).abs().max() + 1e-6
+            assert (o == theirs).float().mean().item() > 0.75
+    with pytest.raises(RuntimeError, match="keys of a"):
+        ops.attend(q, kc, vc, cap + 1, None, 0.125)
+    with pytest.raises(RuntimeError, match="mask must be"):
+        ops.attend(q, kc, vc, n, mask[:, :-1].contiguous(), 0.125)
+    with pytest.raises(RuntimeError, match="Hkv dividing H"):
+        ops.attend(q, kc[:, :, :, :-1].contiguous(), vc[:, :, :, :-1].contiguous(), n, None, 0.125)
+
+
 def test_greedy_uses_a_loaded_library_and_never_builds_one(monkeypatch):
     logits = torch.randn(3, 1000).bfloat16()
     monkeypatch.setattr(kernels, "_build", lambda kernel: pytest.fail("greedy must not build a kernel"))

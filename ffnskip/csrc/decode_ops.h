@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <vector>
 
 namespace ffnskip_ops {
@@ -182,6 +183,129 @@ inline at::Tensor rope_cache(const at::Tensor& qk, const at::Tensor& v, const at
   return q;
 }
 
+// e^x for x <= 0 (8 lanes): Cephes' expf (x = n ln2 + r, a degree-5 polynomial in r, times 2^n),
+// within 2 fp32 units; x below -87 gives ~1e-38, not 0 (callers zero masked lanes themselves).
+inline __m256 exp_neg(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+template <typename T>
+inline float dot(const T* a, const T* b, int64_t d) {
+  int64_t i = 0;
+  __m256 s = _mm256_setzero_ps();
+  for (; i + 8 <= d; i += 8) s = _mm256_fmadd_ps(load8(a + i), load8(b + i), s);
+  float t = hsum(s);
+  for (; i < d; ++i) t += to_f(a[i]) * to_f(b[i]);
+  return t;
+}
+
+template <typename T>
+void attend_as(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, int64_t n, const bool* mask, double scale,
+               at::Tensor& o) {
+  const int64_t B = q.size(0), H = q.size(1), hd = q.size(2), Hkv = kc.size(1), cap = kc.size(2), rep = H / Hkv;
+  const auto* qp = reinterpret_cast<const T*>(q.data_ptr());
+  const auto* kp = reinterpret_cast<const T*>(kc.data_ptr());
+  const auto* vp = reinterpret_cast<const T*>(vc.data_ptr());
+  auto* op = reinterpret_cast<T*>(o.data_ptr());
+  const float sc = static_cast<float>(scale);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  auto body = [&](int64_t t0, int64_t t1) {
+    std::vector<float> p(n + 8);
+    std::vector<float> acc(hd);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / Hkv, g = t % Hkv;
+      const T* kb = kp + (b * Hkv + g) * cap * hd;  // [n, hd] of this K/V head
+      const T* vb = vp + (b * Hkv + g) * cap * hd;
+      const bool* mb = mask ? mask + b * n : nullptr;
+      for (int64_t r = 0; r < rep; ++r) {
+        const int64_t h = g * rep + r;
+        const T* qh = qp + (b * H + h) * hd;
+        float m = ninf;
+        for (int64_t j = 0; j < n; ++j) {
+          p[j] = (mb && !mb[j]) ? ninf : dot(qh, kb + j * hd, hd) * sc;
+          m = std::max(m, p[j]);
+        }
+        // softmax: e^(s - max), masked keys 0, and their sum
+        __m256 vs = _mm256_setzero_ps();
+        const __m256 vm = _mm256_set1_ps(m), vninf = _mm256_set1_ps(ninf);
+        int64_t j = 0;
+        for (; j + 8 <= n; j += 8) {
+          const __m256 s = _mm256_loadu_ps(p.data() + j);
+          const __m256 e = _mm256_and_ps(exp_neg(_mm256_sub_ps(s, vm)), _mm256_cmp_ps(s, vninf, _CMP_NEQ_OQ));
+          _mm256_storeu_ps(p.data() + j, e);
+          vs = _mm256_add_ps(vs, e);
+        }
+        if (j < n) {  // the last keys, through one padded vector
+          alignas(32) float tail[8];
+          for (int k = 0; k < 8; ++k) tail[k] = j + k < n ? p[j + k] : ninf;
+          const __m256 s = _mm256_load_ps(tail);
+          const __m256 e = _mm256_and_ps(exp_neg(_mm256_sub_ps(s, vm)), _mm256_cmp_ps(s, vninf, _CMP_NEQ_OQ));
+          _mm256_store_ps(tail, e);
+          for (int k = 0; j + k < n; ++k) p[j + k] = tail[k];
+          vs = _mm256_add_ps(vs, e);
+        }
+        const float inv = 1.0f / hsum(vs);
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t jj = 0; jj < n; ++jj) {
+          const float pj = rnd<T>(p[jj]);  // SDPA rounds the weights to bf16 for its P V product (the sum is unrounded)
+          if (pj == 0.0f) continue;
+          const __m256 w = _mm256_set1_ps(pj);
+          const T* vr = vb + jj * hd;
+          int64_t i = 0;
+          for (; i + 8 <= hd; i += 8) _mm256_storeu_ps(acc.data() + i, _mm256_fmadd_ps(w, load8(vr + i), _mm256_loadu_ps(acc.data() + i)));
+          for (; i < hd; ++i) acc[i] += pj * to_f(vr[i]);
+        }
+        T* oh = op + (b * H + h) * hd;
+        for (int64_t i = 0; i < hd; ++i) oh[i] = from_f<T>(acc[i] * inv);
+      }
+    }
+  };
+  if (B * H * n * hd < (int64_t{1} << 18)) body(0, B * Hkv);  // a few heads and keys: one thread beats waking the pool
+  else at::parallel_for(0, B * Hkv, 1, body);
+}
+
+// One query per row against the first n columns of the K/V cache, for every query head: softmax(q k^T *
+// scale) v with the query heads grouped per K/V head (GQA), computed in fp32 (the output rounded
+// once to the dtype). q [B, H, hd] contiguous, caches [B, Hkv, capacity, hd] contiguous in q's
+// dtype, mask [B, n] bool (true: attend; a row needs one) or None -> [B, H, hd]. SDPA's math for one
+// query (in bf16 with its rounding of the softmax weights to bf16 before they multiply v), in its
+// own order of additions; replaces SDPA's ~50 us a call (its setup and thread
+// wake-ups) at the step's few keys.
+inline at::Tensor attend(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, int64_t n,
+                         const std::optional<at::Tensor>& mask, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && decode_dtype(q) && q.dim() == 3 && q.is_contiguous(),
+              "attend: q must be a contiguous [B, H, hd] bf16 or fp32 CPU tensor");
+  const int64_t B = q.size(0), H = q.size(1), hd = q.size(2);
+  TORCH_CHECK(kc.scalar_type() == q.scalar_type() && vc.scalar_type() == q.scalar_type() && kc.is_contiguous() &&
+                  vc.is_contiguous() && kc.dim() == 4 && kc.sizes() == vc.sizes() && kc.size(0) == B && kc.size(3) == hd &&
+                  kc.size(1) > 0 && H % kc.size(1) == 0,
+              "attend: the caches must be contiguous [B, Hkv, capacity, hd] in q's dtype, Hkv dividing H");
+  TORCH_CHECK(n > 0 && n <= kc.size(2), "attend: ", n, " keys of a ", kc.size(2), "-column cache");
+  const bool* mp = nullptr;
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->dim() == 2 && mask->size(0) == B &&
+                    mask->size(1) == n,
+                "attend: mask must be a contiguous [B, n] bool tensor");
+    mp = mask->data_ptr<bool>();
+  }
+  at::Tensor o = at::empty({B, H, hd}, q.options());
+  if (q.scalar_type() == at::kFloat) attend_as<float>(q, kc, vc, n, mp, scale, o);
+  else attend_as<uint16_t>(q, kc, vc, n, mp, scale, o);
+  return o;
+}
+
 template <typename T>
 at::Tensor argmax_as(const at::Tensor& xc) {
   const int64_t B = xc.size(0), V = xc.size(1);
@@ -267,8 +391,10 @@ inline at::Tensor argmax(const at::Tensor& x) {
   m.def("rms_norm_" FFNSKIP_OPS_STR(FFNSKIP_OPS_SUFFIX) "(Tensor x, Tensor weight, float eps) -> Tensor");       \
   m.def("rope_cache_" FFNSKIP_OPS_STR(FFNSKIP_OPS_SUFFIX)                                                         \
         "(Tensor qk, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int col, int H) -> Tensor"); \
-  m.def("argmax_" FFNSKIP_OPS_STR(FFNSKIP_OPS_SUFFIX) "(Tensor x) -> Tensor")
+  m.def("argmax_" FFNSKIP_OPS_STR(FFNSKIP_OPS_SUFFIX) "(Tensor x) -> Tensor");                                  \
+  m.def("attend_" FFNSKIP_OPS_STR(FFNSKIP_OPS_SUFFIX) "(Tensor q, Tensor k_cache, Tensor v_cache, int n, Tensor? mask, float scale) -> Tensor")
 #define FFNSKIP_OPS_IMPL(m)                                                                                             \
   m.impl("rms_norm_" FFNSKIP_OPS_STR(FFNSKIP_OPS_SUFFIX), &ffnskip_ops::rms_norm);                                \
   m.impl("rope_cache_" FFNSKIP_OPS_STR(FFNSKIP_OPS_SUFFIX), &ffnskip_ops::rope_cache);                            \
-  m.impl("argmax_" FFNSKIP_OPS_STR(FFNSKIP_OPS_SUFFIX), &ffnskip_ops::argmax)
+  m.impl("argmax_" FFNSKIP_OPS_STR(FFNSKIP_OPS_SUFFIX), &ffnskip_ops::argmax);                                   \
+  m.impl("attend_" FFNSKIP_OPS_STR(FFNSKIP_OPS_SUFFIX), &ffnskip_ops::attend)
