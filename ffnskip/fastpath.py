@@ -28,6 +28,10 @@ float rounding and greedy output is token-identical to transformers in the tests
   transformers' in the same dtype in the tests, whichever kernel runs;
 * attention packs the query heads per K/V head ([B, Hkv, n_rep, hd] against [B, Hkv, n, hd]):
   the same result per query as SDPA's GQA, and in bf16 on CPU about 10x faster per layer;
+* on an x86-64 CPU the small ops run fused in ffnskip's kernel library (:func:`small_ops`,
+  :class:`~ffnskip.kernels.DecodeOps`): RMSNorm, RoPE with the cache writes and the greedy argmax
+  in bf16 and fp32, and in fp32 the single-query attention too (bf16 keeps SDPA, whose roundings
+  transformers' bf16 tokens depend on);
 
 What is guaranteed about the numbers (and tested): for a fixed panel count, thread count and
 CPU, a decode step is deterministic (the same inputs give bit-identical logits). Across panel

@@ -27,6 +27,9 @@ use. Servers and the CLI build it when they load a model (:func:`ffnskip.fastpat
 in the first request. If it cannot be built, the fast path
 logs why and falls back (oneDNN where it has native bf16, else ``F.linear``).
 
+Each library also carries the decode step's small ops (``csrc/decode_ops.h``, :class:`DecodeOps`),
+which an fp32 fast path on x86-64 uses too (:func:`fp32_ops`; its matmuls stay fp32).
+
 Which bf16 matmul the fast path uses is chosen by ``ffnskip.fastpath.matmul_backend``;
 ``FFNSKIP_BF16_KERNEL`` overrides the choice (``auto``, ``onednn``, ``avx512bf16``, ``avx2``,
 ``aten``), for tests and measurements.
