@@ -212,8 +212,8 @@ def onednn_low_precision(dtype: torch.dtype, device: torch.device | str = "cpu")
 
 
 def small_ops(dtype: torch.dtype, device: torch.device | str = "cpu") -> str | None:
-    """Which kernel library's fused small ops (RMSNorm, RoPE with the cache writes, argmax:
-    :class:`kernels.DecodeOps`) the fast path runs instead of ATen's: in bf16 the library whose
+    """Which kernel library's fused small ops (RMSNorm, RoPE with the cache writes, argmax, in fp32
+    the attention: :class:`kernels.DecodeOps`) the fast path runs instead of ATen's: in bf16 the library whose
     kernel runs the matmuls (:func:`matmul_backend`); in fp32 on an x86-64 CPU the one
     :func:`kernels.fp32_ops` picks (the matmuls stay the panels); None elsewhere (ATen's ops)."""
     device = torch.device(device)
@@ -580,7 +580,7 @@ class FastDecoder:
         self.rotary = get_path(model, lay.rotary)
         self.final_norm = get_path(model, lay.final_norm)
         p = next(model.parameters())
-        # the kernel library's fused RMSNorm, RoPE + cache writes and argmax (kernels.DecodeOps:
+        # the kernel library's fused RMSNorm, RoPE + cache writes, argmax, fp32 attention (kernels.DecodeOps:
         # transformers' rounding points, one call instead of several), where small_ops names one
         lib = small_ops(p.dtype, p.device)
         self.ops = kernels.decode_ops(lib) if lib is not None else None

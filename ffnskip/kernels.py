@@ -293,8 +293,8 @@ def op(name: str):
 
 class DecodeOps:
     """The decode step's small ops of kernel ``name``'s library (``csrc/decode_ops.h``), in bf16 and
-    fp32: a fused RMSNorm, RoPE with the K/V cache writes, and argmax, each one call instead of
-    ATen's several (or slow) ones on CPU, with ATen's rounding points."""
+    fp32: a fused RMSNorm, RoPE with the K/V cache writes, argmax and single-query attention, each
+    one call instead of ATen's several (or slow) ones on CPU, with ATen's rounding points."""
 
     def __init__(self, name: str) -> None:
         ns = torch.ops.ffnskip
