@@ -1,5 +1,6 @@
 // The small ops of a decode step that ATen runs slowly on CPU, as one fused loop each, in bf16 and
-// fp32: RMSNorm, RoPE with the K/V cache writes, and argmax over the vocabulary.
+// fp32: RMSNorm, RoPE with the K/V cache writes, argmax over the vocabulary, and a single-query
+// attention (used in fp32; bf16 keeps SDPA, whose roundings transformers' bf16 tokens depend on).
 // Included by both kernel libraries (bf16_linear_avx2.cpp, bf16_linear_avx512.cpp), each
 // registering them under its own suffix (FFNSKIP_OPS_SUFFIX), so both can load in one process;
 // AVX2 + FMA only, which both kinds of CPU execute. Compiled with -ffp-contract=off: no multiply
@@ -7,9 +8,9 @@
 //
 // Measured on AMD EPYC Zen 4, SmolLM2-135M shapes, bf16: ATen's rms_norm path (to fp32, F.rms_norm,
 // round, weight multiply) 25-28 us per call, this one 3-5 us (batch 1-8; 61 calls per step); argmax
-// over 49152 logits 178 us (batch 1) to 717 us (batch 8), this one 6-27 us. (A single-query
-// attention loop was tried too: no faster than SDPA at batch 8, so SDPA stays.) fp32 on a 2-core
-// Intel Xeon (AMX): ATen's F.rms_norm is seven ops, ~50 us per call with its dispatches.
+// over 49152 logits 178 us (batch 1) to 717 us (batch 8), this one 6-27 us. fp32 on a 2-core Intel
+// Xeon (AMX): ATen's F.rms_norm is seven ops, ~50 us per call with its dispatches; SDPA ~48 us a
+// call inside a step, the attention here ~14-22 us.
 //
 // Rounding points are the ones of the ATen code they replace (fp32 math, bf16 where ATen rounds):
 // * rms_norm: transformers' LlamaRMSNorm: fp32 x * 1/sqrt(mean(x^2) + eps), in bf16 rounded,
@@ -75,15 +76,12 @@ inline float hsum(__m256 v) {
 }
 
 template <typename T>
-inline float sum_squares(const T* x, int64_t d) {
+inline float dot(const T* a, const T* b, int64_t d) {
   int64_t i = 0;
   __m256 s = _mm256_setzero_ps();
-  for (; i + 8 <= d; i += 8) {
-    const __m256 v = load8(x + i);
-    s = _mm256_fmadd_ps(v, v, s);
-  }
+  for (; i + 8 <= d; i += 8) s = _mm256_fmadd_ps(load8(a + i), load8(b + i), s);
   float t = hsum(s);
-  for (; i < d; ++i) t += to_f(x[i]) * to_f(x[i]);
+  for (; i < d; ++i) t += to_f(a[i]) * to_f(b[i]);
   return t;
 }
 
@@ -103,7 +101,7 @@ at::Tensor rms_norm_as(const at::Tensor& x, const at::Tensor& weight, double eps
       const T* xr = xp + a * sa + g * sg;
       const T* wr = wp + (per_group ? g * D : 0);
       T* yr = yp + r * D;
-      const float mean = sum_squares(xr, D) / static_cast<float>(D);
+      const float mean = dot(xr, xr, D) / static_cast<float>(D);
       const float inv = 1.0f / std::sqrt(mean + static_cast<float>(eps));
       for (int64_t i = 0; i < D; ++i) yr[i] = from_f<T>(to_f(wr[i]) * rnd<T>(to_f(xr[i]) * inv));
     }
@@ -202,16 +200,6 @@ inline __m256 exp_neg(__m256 x) {
 }
 
 template <typename T>
-inline float dot(const T* a, const T* b, int64_t d) {
-  int64_t i = 0;
-  __m256 s = _mm256_setzero_ps();
-  for (; i + 8 <= d; i += 8) s = _mm256_fmadd_ps(load8(a + i), load8(b + i), s);
-  float t = hsum(s);
-  for (; i < d; ++i) t += to_f(a[i]) * to_f(b[i]);
-  return t;
-}
-
-template <typename T>
 void attend_as(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, int64_t n, const bool* mask, double scale,
                at::Tensor& o) {
   const int64_t B = q.size(0), H = q.size(1), hd = q.size(2), Hkv = kc.size(1), cap = kc.size(2), rep = H / Hkv;
@@ -222,7 +210,7 @@ void attend_as(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, 
   const float sc = static_cast<float>(scale);
   const float ninf = -std::numeric_limits<float>::infinity();
   auto body = [&](int64_t t0, int64_t t1) {
-    std::vector<float> p(n + 8);
+    std::vector<float> p(n + 8);  // one head's scores, then weights; room for whole vectors
     std::vector<float> acc(hd);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / Hkv, g = t % Hkv;
@@ -237,23 +225,14 @@ void attend_as(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, 
           p[j] = (mb && !mb[j]) ? ninf : dot(qh, kb + j * hd, hd) * sc;
           m = std::max(m, p[j]);
         }
-        // softmax: e^(s - max), masked keys 0, and their sum
+        std::fill(p.begin() + n, p.end(), ninf);  // the padding past n (the loop below wrote it last head)
+        // softmax: e^(s - max), masked keys (and the padding past n, -inf) 0, and their sum
         __m256 vs = _mm256_setzero_ps();
         const __m256 vm = _mm256_set1_ps(m), vninf = _mm256_set1_ps(ninf);
-        int64_t j = 0;
-        for (; j + 8 <= n; j += 8) {
+        for (int64_t j = 0; j < n; j += 8) {
           const __m256 s = _mm256_loadu_ps(p.data() + j);
           const __m256 e = _mm256_and_ps(exp_neg(_mm256_sub_ps(s, vm)), _mm256_cmp_ps(s, vninf, _CMP_NEQ_OQ));
           _mm256_storeu_ps(p.data() + j, e);
-          vs = _mm256_add_ps(vs, e);
-        }
-        if (j < n) {  // the last keys, through one padded vector
-          alignas(32) float tail[8];
-          for (int k = 0; k < 8; ++k) tail[k] = j + k < n ? p[j + k] : ninf;
-          const __m256 s = _mm256_load_ps(tail);
-          const __m256 e = _mm256_and_ps(exp_neg(_mm256_sub_ps(s, vm)), _mm256_cmp_ps(s, vninf, _CMP_NEQ_OQ));
-          _mm256_store_ps(tail, e);
-          for (int k = 0; j + k < n; ++k) p[j + k] = tail[k];
           vs = _mm256_add_ps(vs, e);
         }
         const float inv = 1.0f / hsum(vs);
