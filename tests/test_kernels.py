@@ -192,7 +192,8 @@ def test_the_argmax_is_torchs(kernel, dtype):
 def test_the_single_query_attention_is_sdpas_math(kernel, dtype, B, H, Hkv, hd, cap, n):
     """kernels.DecodeOps.attend: softmax(q k^T scale) v over the first n cache columns, query heads
     grouped per K/V head, masked keys left out: within 1e-6 of float64 math in fp32; in bf16 as close
-    to it as SDPA in bf16 and mostly SDPA's bits; columns past n and masked keys never count."""
+    to it as SDPA in bf16 (never its bits: SDPA's kernel depends on the CPU); columns past n and
+    masked keys never count."""
     ops = kernels.decode_ops(kernel)
     g = torch.Generator().manual_seed(B * 100 + n)
     q = torch.randn(B, H, hd, generator=g).to(dtype)
@@ -211,9 +212,11 @@ def test_the_single_query_attention_is_sdpas_math(kernel, dtype, B, H, Hkv, hd, 
         assert o.shape == (B, H, hd) and o.dtype == dtype and not torch.isnan(o).any()
         if dtype == torch.float32:
             assert torch.allclose(o.double(), ref, rtol=0, atol=1e-6)
-        else:  # SDPA's bf16 roundings (its softmax weights too): as far from float64 as SDPA, mostly its bits
+        else:  # SDPA's bf16 roundings (its softmax weights too): as far from float64 as SDPA is on this CPU,
+            # and within one output rounding plus the weights' rounding (2^-10 of the largest |v|) of it
             assert (o.double() - ref).abs().max() <= 1.5 * (theirs.double() - ref).abs().max() + 1e-6
-            assert (o == theirs).float().mean().item() > 0.75
+            vmax = vc[:, :, :n].abs().max().double()
+            assert torch.all((o.double() - ref).abs() <= _ulp_bf16(ref.float()).double() + 2.0**-10 * vmax)
     with pytest.raises(RuntimeError, match="keys of a"):
         ops.attend(q, kc, vc, cap + 1, None, 0.125)
     with pytest.raises(RuntimeError, match="mask must be"):
